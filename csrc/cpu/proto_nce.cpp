@@ -1,0 +1,338 @@
+// Fused ProtoNCE on the CPU: one pass over the columns computes the loss and dL/dq, dL/dk.
+//
+// Every term of the loss is a softmax cross-entropy of q_i against a set of columns x_j with a
+// per-column scale s_j (1/T for the queue, 1/phi for prototypes). The columns are split into a
+// fixed number of chunks (fixed by the shapes, not by the thread count, so the bits do not
+// depend on it); each chunk streams tiles of columns through two GEMMs:
+//   S = q X^T (N x tile), P = exp(S*s - m) * s (online softmax), acc += P X  (N x D)
+// and keeps (m, l, acc) per row. Chunks merge in a fixed order. Nothing N x K is allocated:
+// the extra memory is O(chunks * N * D + threads * tile * (N + D)).
+#include "../proto_nce.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace pcl_ext {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The row loops below are where the exps are: compile them for AVX-512 and AVX2 as well,
+// chosen at load time, so a portable build still runs at the machine's vector width.
+#define PCL_EXT_VECTOR_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PCL_EXT_VECTOR_CLONES
+#endif
+
+// exp(x) for x <= 0-ish softmax arguments, branch-free so that the compiler vectorizes it:
+// 2^n * p(r) with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-6 minimax polynomial
+// (relative error < 2e-7). Arguments below -87 give ~1e-38 instead of 0; NaN stays NaN.
+inline float exp_f32(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+
+// s[j] *= scale[j]; returns max_j s[j].
+PCL_EXT_VECTOR_CLONES float scale_max_f32(float* s, const float* scale, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= scale[j];
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
+}
+
+// s[j] <- exp(s[j] - shift) * scale[j]; returns sum_j exp(s[j] - shift).
+PCL_EXT_VECTOR_CLONES float exp_sum_f32(float* s, const float* scale, int64_t n, float shift) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_f32(s[j] - shift);
+    sum += e;
+    s[j] = e * scale[j];
+  }
+  return sum;
+}
+
+// float64 is the gradcheck path: plain loops, libm exp.
+double scale_max(double* s, const double* scale, int64_t n) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= scale[j];
+    mx = std::max(mx, s[j]);
+  }
+  return mx;
+}
+double exp_sum(double* s, const double* scale, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = std::exp(s[j] - shift);
+    sum += e;
+    s[j] = e * scale[j];
+  }
+  return sum;
+}
+float scale_max(float* s, const float* scale, int64_t n) { return scale_max_f32(s, scale, n); }
+float exp_sum(float* s, const float* scale, int64_t n, float shift) {
+  return exp_sum_f32(s, scale, n, shift);
+}
+
+// One softmax term: columns x_j = src[ids[j]] (or src[j] without ids), scales 1/phi[row] or
+// inv_t. The target of row i is k_i * inv_t (instance term, an extra per-row column) or
+// src[assign[i]] / phi[assign[i]] (prototype terms; that column is also among the columns).
+template <typename T>
+struct Term {
+  at::Tensor src;                // [R, D] contiguous
+  const int64_t* ids = nullptr;  // column list, or nullptr for all rows of src
+  int64_t ncols = 0;
+  const T* phi = nullptr;        // [R], or nullptr for the constant inv_t
+  T inv_t = 0;
+  const int64_t* assign = nullptr;  // [N] target rows of src; nullptr: instance term
+  double weight = 1.0;
+};
+
+struct Chunk {
+  size_t term;
+  int64_t begin, end;
+};
+
+template <typename T>
+void check_ids(const int64_t* ids, int64_t count, int64_t bound, const char* name, size_t m) {
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK_INDEX(ids[j] >= 0 && ids[j] < bound, "proto_nce: `", name, "[", m,
+                      "]` holds cluster id ", ids[j], " at position ", j,
+                      ", outside [0, ", bound, ")");
+  }
+}
+
+template <typename T>
+ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
+                               const at::Tensor& queue_in, at::TensorList prototypes,
+                               at::TensorList phi_in, at::TensorList assignments,
+                               at::TensorList negatives, double temperature) {
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t n = q.size(0), d = q.size(1);
+  const size_t m_count = prototypes.size();
+  const bool sampled = !negatives.empty();
+
+  std::vector<Term<T>> terms;
+  std::vector<at::Tensor> keep;  // owners of the contiguous copies the terms point into
+  Term<T> inst;
+  inst.src = queue_in.contiguous();
+  inst.ncols = inst.src.size(0);
+  inst.inv_t = static_cast<T>(1.0 / temperature);
+  terms.push_back(inst);
+  for (size_t m = 0; m < m_count; ++m) {
+    Term<T> t;
+    t.src = prototypes[m].contiguous();
+    const int64_t kk = t.src.size(0);
+    at::Tensor phi = phi_in[m].to(q.scalar_type()).contiguous();
+    t.phi = phi.const_data_ptr<T>();
+    for (int64_t c = 0; c < kk; ++c) {
+      TORCH_CHECK_VALUE(std::isfinite(t.phi[c]) && t.phi[c] > 0, "proto_nce: `phi[", m,
+                        "]` must be positive and finite, got ", t.phi[c], " at cluster ", c);
+    }
+    at::Tensor assign = assignments[m].contiguous();
+    t.assign = assign.const_data_ptr<int64_t>();
+    check_ids<T>(t.assign, n, kk, "assignments", m);
+    if (sampled) {
+      at::Tensor neg = negatives[m].contiguous();
+      check_ids<T>(neg.const_data_ptr<int64_t>(), neg.numel(), kk, "negatives", m);
+      // PCL's column layout: [a_0 .. a_{N-1}, neg_0 .. neg_{r-1}], target of row i = column i.
+      at::Tensor ids = at::empty({n + neg.numel()}, assign.options());
+      std::memcpy(ids.data_ptr<int64_t>(), t.assign, n * sizeof(int64_t));
+      std::memcpy(ids.data_ptr<int64_t>() + n, neg.const_data_ptr<int64_t>(),
+                  neg.numel() * sizeof(int64_t));
+      t.ids = ids.const_data_ptr<int64_t>();
+      t.ncols = ids.numel();
+      keep.push_back(ids);
+    } else {
+      t.ncols = kk;
+    }
+    t.weight = 1.0 / static_cast<double>(m_count);
+    keep.push_back(phi);
+    keep.push_back(assign);
+    terms.push_back(t);
+  }
+
+  // Tiles keep the N x tile logit block in L2; chunks are a fixed split of the columns.
+  const int64_t tile = std::clamp<int64_t>((int64_t{1} << 17) / n / 16 * 16, 64, 1024);
+  int64_t total = 0;
+  for (const auto& t : terms) total += t.ncols;
+  constexpr int64_t kTargetChunks = 16;
+  const int64_t chunk_cols =
+      std::max<int64_t>(tile, ((total + kTargetChunks - 1) / kTargetChunks + tile - 1) / tile * tile);
+  std::vector<Chunk> chunks;
+  for (size_t ti = 0; ti < terms.size(); ++ti) {
+    for (int64_t c = 0; c < terms[ti].ncols; c += chunk_cols) {
+      chunks.push_back({ti, c, std::min(terms[ti].ncols, c + chunk_cols)});
+    }
+  }
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  const auto opts = q.options();
+  at::Tensor acc_all = at::zeros({nchunks, n, d}, opts);
+  std::vector<T> row_max(nchunks * n, -std::numeric_limits<T>::infinity());
+  std::vector<T> row_sum(nchunks * n, T(0));
+
+  at::parallel_for(0, nchunks, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // thread-local: OpenMP workers need their own
+    at::Tensor logits = at::empty({n * tile}, opts);
+    at::Tensor gathered = at::empty({tile * d}, opts);
+    std::vector<T> scale(tile), alpha(n);
+    for (int64_t ci = first; ci < last; ++ci) {
+      const Chunk& ch = chunks[ci];
+      const Term<T>& t = terms[ch.term];
+      const T* src = t.src.template const_data_ptr<T>();
+      at::Tensor acc = acc_all.select(0, ci);
+      T* acc_p = acc.data_ptr<T>();
+      T* m_p = row_max.data() + ci * n;
+      T* l_p = row_sum.data() + ci * n;
+      for (int64_t c0 = ch.begin; c0 < ch.end; c0 += tile) {
+        const int64_t tc = std::min(tile, ch.end - c0);
+        at::Tensor x;
+        if (t.ids != nullptr) {
+          T* g = gathered.data_ptr<T>();
+          for (int64_t j = 0; j < tc; ++j) {
+            std::memcpy(g + j * d, src + t.ids[c0 + j] * d, d * sizeof(T));
+          }
+          x = gathered.narrow(0, 0, tc * d).view({tc, d});
+        } else {
+          x = t.src.narrow(0, c0, tc);
+        }
+        for (int64_t j = 0; j < tc; ++j) {
+          const int64_t row = t.ids != nullptr ? t.ids[c0 + j] : c0 + j;
+          scale[j] = t.phi != nullptr ? T(1) / t.phi[row] : t.inv_t;
+        }
+        at::Tensor s = logits.narrow(0, 0, n * tc).view({n, tc});
+        at::mm_out(s, q, x.t());
+        T* s_p = s.data_ptr<T>();
+        bool rescale = false;
+        for (int64_t i = 0; i < n; ++i) {
+          T* row = s_p + i * tc;
+          const T mx = std::max(m_p[i], scale_max(row, scale.data(), tc));
+          alpha[i] = std::exp(m_p[i] - mx);  // 0 on the first tile (m = -inf)
+          rescale |= alpha[i] != T(1);
+          l_p[i] = l_p[i] * alpha[i] + exp_sum(row, scale.data(), tc, mx);
+          m_p[i] = mx;
+        }
+        if (rescale) {
+          for (int64_t i = 0; i < n; ++i) {
+            for (int64_t c = 0; c < d; ++c) acc_p[i * d + c] *= alpha[i];
+          }
+        }
+        acc.addmm_(s, x);
+      }
+    }
+  });
+
+  // Merge the chunks of each term in a fixed order and form loss and gradients per row.
+  at::Tensor dq = at::zeros({n, d}, opts), dk = at::zeros({n, d}, opts);
+  const T* q_p = q.const_data_ptr<T>();
+  const T* k_p = k.const_data_ptr<T>();
+  const T* acc_p = acc_all.const_data_ptr<T>();
+  T* dq_p = dq.data_ptr<T>();
+  T* dk_p = dk.data_ptr<T>();
+  double loss = 0.0;
+  std::vector<T> expect(d), target(d);
+  for (size_t ti = 0; ti < terms.size(); ++ti) {
+    const Term<T>& t = terms[ti];
+    const T* src = t.src.template const_data_ptr<T>();
+    const double w = t.weight / static_cast<double>(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* qi = q_p + i * d;
+      // Target column (scaled) and its logit.
+      T tscale;
+      const T* tcol;
+      if (t.assign == nullptr) {
+        tscale = t.inv_t;
+        tcol = k_p + i * d;
+      } else {
+        tscale = T(1) / t.phi[t.assign[i]];
+        tcol = src + t.assign[i] * d;
+      }
+      T tlogit = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        target[c] = tcol[c] * tscale;
+        tlogit += qi[c] * target[c];
+      }
+      T mx = t.assign == nullptr ? tlogit : -std::numeric_limits<T>::infinity();
+      for (int64_t ci = 0; ci < nchunks; ++ci) {
+        if (chunks[ci].term == ti) mx = std::max(mx, row_max[ci * n + i]);
+      }
+      T sum = 0;
+      std::fill(expect.begin(), expect.end(), T(0));
+      for (int64_t ci = 0; ci < nchunks; ++ci) {
+        if (chunks[ci].term != ti) continue;
+        const T f = std::exp(row_max[ci * n + i] - mx);
+        sum += row_sum[ci * n + i] * f;
+        const T* a = acc_p + (ci * n + i) * d;
+        for (int64_t c = 0; c < d; ++c) expect[c] += a[c] * f;
+      }
+      T p_pos = 0;
+      if (t.assign == nullptr) {  // the positive key is a column of row i only
+        const T f = std::exp(tlogit - mx);
+        sum += f;
+        for (int64_t c = 0; c < d; ++c) expect[c] += target[c] * f;
+        p_pos = f / sum;
+      }
+      loss += w * (static_cast<double>(mx) + std::log(static_cast<double>(sum)) - tlogit);
+      for (int64_t c = 0; c < d; ++c) {
+        dq_p[i * d + c] += static_cast<T>(w) * (expect[c] / sum - target[c]);
+      }
+      if (t.assign == nullptr) {
+        const T g = static_cast<T>(w) * (p_pos - T(1)) * t.inv_t;
+        for (int64_t c = 0; c < d; ++c) dk_p[i * d + c] += g * qi[c];
+      }
+    }
+  }
+  return {at::scalar_tensor(loss, opts), dq, dk};
+}
+
+}  // namespace
+
+ProtoNCEOut proto_nce_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue,
+                          at::TensorList prototypes, at::TensorList phi,
+                          at::TensorList assignments, at::TensorList negatives,
+                          double temperature) {
+  check_proto_nce_args(q, k, queue, prototypes, phi, assignments, negatives, temperature);
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                   "proto_nce: the CPU kernel takes float32 or float64 `q`, got ",
+                   q.scalar_type(), " (pcl_ext.proto_nce upcasts half precision on the CPU)");
+  // The gradients are computed here, not recorded: run the inner ATen calls below autograd.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  ProtoNCEOut out;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "proto_nce_cpu", [&] {
+    out = proto_nce_cpu_impl<scalar_t>(q, k, queue, prototypes, phi, assignments, negatives,
+                                       temperature);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) { m.impl("proto_nce", &proto_nce_cpu); }
+
+}  // namespace pcl_ext

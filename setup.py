@@ -1,0 +1,76 @@
+"""Build pcl_ext: C++ kernels always, CUDA kernels when torch has CUDA and a toolkit is found.
+
+Environment overrides:
+  PCL_EXT_CUDA=0   force a CPU-only build
+  PCL_EXT_CUDA=1   require the CUDA kernels (fail if they cannot be built)
+  PCL_EXT_DEBUG=1  -O0 -g
+Without a GPU, CUDA_HOME defaults to /usr/local/cuda (when it has nvcc) and
+TORCH_CUDA_ARCH_LIST to "9.0" so that the sources still compile.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("PCL_EXT_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    has_torch_cuda = torch.version.cuda is not None
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+        cpp_extension.CUDA_HOME = "/usr/local/cuda"
+    found = has_torch_cuda and cpp_extension.CUDA_HOME is not None
+    if flag in ("1", "true", "yes", "on") and not found:
+        raise RuntimeError(
+            "PCL_EXT_CUDA=1 but CUDA kernels cannot be built: torch.version.cuda="
+            f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}")
+    if found and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    return found
+
+
+def write_build_info(with_cuda: bool) -> None:
+    with open(os.path.join(HERE, "pcl_ext", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py: the torch this package was compiled against.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"VERSION = {VERSION!r}\n")
+
+
+def extension():
+    with_cuda = want_cuda()
+    write_build_info(with_cuda)
+    debug = os.environ.get("PCL_EXT_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = opt + ["-std=c++20", "-fopenmp", "-DPCL_EXT_PYTHON_MODULE"]
+    args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                py_limited_api=True)
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        args["extra_compile_args"]["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr",
+                                                    "-lineinfo"]
+        return cpp_extension.CUDAExtension("pcl_ext._C", sources, **args)
+    return cpp_extension.CppExtension("pcl_ext._C", sources, **args)
+
+
+setup(
+    name="pcl_ext",
+    version=VERSION,
+    description="Fused kernels for Prototypical Contrastive Learning (PCL) in PyTorch",
+    packages=["pcl_ext"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    install_requires=["torch", "numpy"],
+    extras_require={"test": ["pytest", "numpy"]},
+    python_requires=">=3.10",
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
