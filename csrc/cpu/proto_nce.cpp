@@ -42,7 +42,8 @@ namespace {
 // 2^n * p(r) with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-6 minimax polynomial
 // (relative error < 2e-7). Arguments below -87 give ~1e-38 instead of 0; NaN stays NaN.
 inline float exp_f32(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;  // NaN passes through both
+  x = x > 88.0f ? 88.0f : x;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -57,18 +58,21 @@ inline float exp_f32(float x) {
 }
 
 // s[j] *= scale[j]; returns max_j s[j].
-PCL_EXT_VECTOR_CLONES float scale_max_f32(float* s, const float* scale, int64_t n) {
+PCL_EXT_VECTOR_CLONES float scale_max_f32(float* __restrict s, const float* __restrict scale,
+                                           int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < n; ++j) {
-    s[j] *= scale[j];
-    mx = std::max(mx, s[j]);
+    const float v = s[j] * scale[j];
+    s[j] = v;
+    mx = v > mx ? v : mx;  // not std::max: GCC vectorizes the plain select, not the reference
   }
   return mx;
 }
 
 // s[j] <- exp(s[j] - shift) * scale[j]; returns sum_j exp(s[j] - shift).
-PCL_EXT_VECTOR_CLONES float exp_sum_f32(float* s, const float* scale, int64_t n, float shift) {
+PCL_EXT_VECTOR_CLONES float exp_sum_f32(float* __restrict s, const float* __restrict scale,
+                                         int64_t n, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
