@@ -1,0 +1,325 @@
+"""pcl_ext.proto_nce against the float64 reference, plus autograd, opcheck, compile, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pcl_ext
+from pcl_ext import reference
+
+HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+
+
+def sample_inputs(device="cpu", dtype=torch.float32, n=6, d=13, q_len=11, ks=(5, 9, 4),
+                  r=3, sampled=True, k_grad=True, phi_range=(0.05, 0.5), seed=None):
+    """Unit-norm embeddings like PCL's; fresh random values unless a seed is given."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+
+    q = cast(unit(n, d)).requires_grad_()
+    k = cast(unit(n, d)).requires_grad_(k_grad)
+    queue = cast(unit(q_len, d))
+    protos = [cast(unit(kk, d)) for kk in ks]
+    lo, hi = phi_range
+    phi = [(lo + (hi - lo) * torch.rand(kk, generator=gen, dtype=torch.float64)).to(device)
+           .float() for kk in ks]
+    assign = [torch.randint(0, kk, (n,), generator=gen).to(device) for kk in ks]
+    negs = None
+    if sampled:
+        negs = [torch.randperm(kk, generator=gen)[:min(r, kk)].to(device) for kk in ks]
+    return q, k, queue, protos, phi, assign, negs
+
+
+def reference_f64(q, k, queue, protos, phi, assign, negs, temperature=0.2):
+    """Loss and (dq, dk) of the reference evaluated in float64 on the same values."""
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    loss = reference.proto_nce(q64, k64, queue.double(), [c.double() for c in protos],
+                               [p.double() for p in phi], assign, negs, temperature=temperature)
+    dq, dk = torch.autograd.grad(loss, (q64, k64))
+    return loss.detach(), dq, dk
+
+
+def fused(q, k, queue, protos, phi, assign, negs, temperature=0.2):
+    loss = pcl_ext.proto_nce(q, k, queue, protos, phi, assign, negs, temperature=temperature)
+    grads = torch.autograd.grad(loss, (q, k) if k.requires_grad else (q,))
+    return loss.detach(), grads[0], grads[1] if k.requires_grad else None
+
+
+def assert_matches(inputs, atol, rtol, temperature=0.2):
+    loss, dq, dk = fused(*inputs, temperature=temperature)
+    ref_loss, ref_dq, ref_dk = reference_f64(*inputs, temperature=temperature)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dq.double(), ref_dq, atol=atol, rtol=rtol)
+    if dk is not None:
+        torch.testing.assert_close(dk.double(), ref_dk, atol=atol, rtol=rtol)
+
+
+CPU_TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (2e-6, 1e-5)}
+SHAPES = [  # n, d, q_len, ks, r
+    dict(n=6, d=13, q_len=11, ks=(5, 9, 4), r=3),
+    dict(n=1, d=8, q_len=1, ks=(1, 3, 2), r=1),            # N=1, Q=1, K=1
+    dict(n=40, d=7, q_len=300, ks=(3, 17, 1000), r=200),   # K < N, duplicated assignments
+    dict(n=33, d=130, q_len=1500, ks=(700, 2100, 64), r=0),  # several tiles and chunks, r=0
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+@pytest.mark.parametrize("m", [0, 1, 3])
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_matches_reference_cpu(shape, m, sampled, dtype):
+    kw = dict(SHAPES[shape])
+    kw["ks"] = kw["ks"][:m]
+    assert_matches(sample_inputs(dtype=dtype, sampled=sampled, **kw), *CPU_TOL[dtype])
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+def test_duplicated_ids_and_shared_clusters(sampled):
+    # Every row in one cluster, negatives repeating positives: PCL's layout keeps them all.
+    q, k, queue, protos, phi, assign, negs = sample_inputs(n=5, ks=(4, 6), sampled=sampled)
+    assign = [torch.full((5,), 2), torch.tensor([0, 0, 1, 1, 0])]
+    if sampled:
+        negs = [torch.tensor([2, 2, 3]), torch.tensor([0, 5])]
+    assert_matches((q, k, queue, protos, phi, assign, negs), *CPU_TOL[torch.float32])
+
+
+def test_large_logits_are_stable():
+    # phi = 1e-3 makes logits ~1e3: the online softmax must not overflow.
+    inputs = sample_inputs(dtype=torch.float64, n=9, ks=(50, 7), phi_range=(1e-3, 2e-3))
+    assert_matches(inputs, 1e-9, 1e-9)
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+def test_non_contiguous_inputs(sampled):
+    q, k, queue, protos, phi, assign, negs = sample_inputs(n=7, d=9, ks=(6, 10), r=4,
+                                                           sampled=sampled)
+    # Same values, other strides: transposed copies and every-other-element views.
+    q2 = q.detach().t().contiguous().t().requires_grad_()
+    k2 = k.detach().t().contiguous().t().requires_grad_()
+    queue2 = torch.stack([queue, queue], dim=2)[..., 0]
+    protos2 = [c.t().contiguous().t() for c in protos]
+    phi2 = [torch.stack([p, p], dim=1)[:, 1] for p in phi]
+    assign2 = [torch.stack([a, a], dim=1)[:, 0] for a in assign]
+    negs2 = None if negs is None else [torch.stack([g, g], dim=1)[:, 1] for g in negs]
+    assert not q2.is_contiguous() and not queue2.is_contiguous() and not phi2[0].is_contiguous()
+    got = fused(q2, k2, queue2, protos2, phi2, assign2, negs2)
+    want = fused(q, k, queue, protos, phi, assign, negs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_k_without_grad_and_temperature():
+    inputs = sample_inputs(dtype=torch.float64, k_grad=False)
+    assert_matches(inputs, *CPU_TOL[torch.float64], temperature=0.07)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_computes_in_float32(dtype):
+    inputs = sample_inputs(dtype=dtype, n=8, ks=(6, 12))
+    loss, dq, dk = fused(*inputs)
+    assert loss.dtype == dtype and dq.dtype == dtype and dk.dtype == dtype
+    ref_loss, ref_dq, ref_dk = reference_f64(*inputs)  # on the same (rounded) input values
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    torch.testing.assert_close(dq.double(), ref_dq, **tol)
+    torch.testing.assert_close(dk.double(), ref_dk, **tol)
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+def test_gradcheck(sampled):
+    q, k, queue, protos, phi, assign, negs = sample_inputs(dtype=torch.float64, n=4, d=5,
+                                                           ks=(3, 6), r=2, sampled=sampled)
+    phi = [p.double() for p in phi]
+
+    def loss_fn(q_, k_):
+        return pcl_ext.proto_nce(q_, k_, queue, protos, phi, assign, negs, temperature=0.3)
+
+    assert torch.autograd.gradcheck(loss_fn, (q, k))
+
+
+def test_deterministic_across_thread_counts():
+    inputs = sample_inputs(n=64, d=128, q_len=4000, ks=(3000, 5000), r=1500)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(fused(*inputs))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+@pytest.mark.parametrize("m", [0, 2])
+def test_opcheck(sampled, m):
+    q, k, queue, protos, phi, assign, negs = sample_inputs(n=5, ks=(4, 7)[:m], sampled=sampled)
+    args = (q, k, queue, protos, phi, assign, negs if negs is not None else [], 0.2)
+    torch.library.opcheck(torch.ops.pcl_ext.proto_nce.default, args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    inputs = sample_inputs(n=6, ks=(5, 8))
+
+    def step(q, k, queue, protos, phi, assign, negs):
+        return pcl_ext.proto_nce(F.normalize(q, dim=1), k, queue, protos, phi, assign, negs) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    q = inputs[0]
+    got = compiled(*inputs)
+    (g_got,) = torch.autograd.grad(got, q)
+    want = step(*inputs)
+    (g_want,) = torch.autograd.grad(want, q)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_double_backward_is_refused():
+    q, k, queue, protos, phi, assign, negs = sample_inputs(dtype=torch.float64)
+    loss = pcl_ext.proto_nce(q, k, queue, protos, phi, assign, negs)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, q, create_graph=True)
+
+
+def test_gradient_wrt_queue_is_refused():
+    q, k, queue, protos, phi, assign, negs = sample_inputs()
+    with pytest.raises(ValueError, match="`queue` requires grad"):
+        pcl_ext.proto_nce(q, k, queue.requires_grad_(), protos, phi, assign, negs)
+
+
+def _mutate(inputs, name, fn):
+    q, k, queue, protos, phi, assign, negs = inputs
+    d = dict(q=q, k=k, queue=queue, protos=list(protos), phi=list(phi), assign=list(assign),
+             negs=None if negs is None else list(negs), temperature=0.2)
+    fn(d)
+    return d
+
+
+BAD_INPUTS = [  # (what, mutation, exception, message fragment)
+    ("q rank", lambda d: d.update(q=d["q"][0]), ValueError, "`q`"),
+    ("k shape", lambda d: d.update(k=d["k"][:-1]), ValueError, "`k`"),
+    ("queue dim", lambda d: d.update(queue=d["queue"][:, :-1]), ValueError, "`queue`"),
+    ("queue dtype", lambda d: d.update(queue=d["queue"].double()), TypeError, "`queue`"),
+    ("empty queue", lambda d: d.update(queue=d["queue"][:0]), ValueError, "`queue`"),
+    ("int q", lambda d: d.update(q=d["q"].long(), k=d["k"].long()), TypeError, "`q`"),
+    ("prototype dim", lambda d: d["protos"].__setitem__(1, d["protos"][1][:, :3]),
+     ValueError, "`prototypes[1]`"),
+    ("phi length", lambda d: d["phi"].__setitem__(0, d["phi"][0][:-1]), ValueError, "`phi[0]`"),
+    ("phi zero", lambda d: d["phi"][2].__setitem__(1, 0.0), ValueError, "`phi[2]`"),
+    ("phi nan", lambda d: d["phi"][0].__setitem__(0, float("nan")), ValueError, "`phi[0]`"),
+    ("phi negative", lambda d: d["phi"][1].__setitem__(0, -0.1), ValueError, "`phi[1]`"),
+    ("assignment dtype", lambda d: d["assign"].__setitem__(1, d["assign"][1].int()),
+     TypeError, "`assignments[1]`"),
+    ("assignment length", lambda d: d["assign"].__setitem__(0, d["assign"][0][1:]),
+     ValueError, "`assignments[0]`"),
+    ("assignment too large", lambda d: d["assign"][0].__setitem__(2, 5), IndexError,
+     "`assignments[0]`"),
+    ("assignment negative", lambda d: d["assign"][2].__setitem__(0, -1), IndexError,
+     "`assignments[2]`"),
+    ("negative too large", lambda d: d["negs"][2].__setitem__(0, 4), IndexError,
+     "`negatives[2]`"),
+    ("negative rank", lambda d: d["negs"].__setitem__(1, d["negs"][1][None]), ValueError,
+     "`negatives[1]`"),
+    ("list lengths", lambda d: d["phi"].pop(), ValueError, "`phi`"),
+    ("negatives length", lambda d: d["negs"].pop(), ValueError, "`negatives`"),
+    ("temperature", lambda d: d.update(temperature=0.0), ValueError, "`temperature`"),
+    ("temperature inf", lambda d: d.update(temperature=float("inf")), ValueError,
+     "`temperature`"),
+]
+
+
+@pytest.mark.parametrize("what,mutation,exc,fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_the_argument(what, mutation, exc, fragment):
+    d = _mutate(sample_inputs(ks=(5, 9, 4)), what, mutation)
+    with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        pcl_ext.proto_nce(d["q"], d["k"], d["queue"], d["protos"], d["phi"], d["assign"],
+                          d["negs"], temperature=d["temperature"])
+
+
+# ---------------------------------------------------------------------------------------- CUDA
+CUDA_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 5e-3),
+            torch.bfloat16: (3e-2, 3e-2)}
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+@pytest.mark.parametrize("m", [0, 1, 3])
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_matches_reference_cuda(shape, m, sampled, dtype):
+    kw = dict(SHAPES[shape])
+    kw["ks"] = kw["ks"][:m]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_matches(sample_inputs("cuda", dtype, sampled=sampled, **kw), *CUDA_TOL[dtype])
+
+
+@cuda_only
+def test_cuda_tf32_within_tf32_tolerance():
+    inputs = sample_inputs("cuda", torch.float32, n=64, d=128, q_len=3000, ks=(2000, 500))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert_matches(inputs, 5e-3, 5e-3)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_deterministic_and_graph_capturable(dtype):
+    q, k, queue, protos, phi, assign, negs = sample_inputs("cuda", dtype, n=64, d=128,
+                                                           q_len=5000, ks=(4000, 900), r=700)
+    q, k = q.detach(), k.detach()
+    args = (q, k, queue, protos, phi, assign, negs, 0.2)
+    first = torch.ops.pcl_ext.proto_nce(*args)
+    second = torch.ops.pcl_ext.proto_nce(*args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.pcl_ext.proto_nce(*args)  # warm-up on the side stream
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.pcl_ext.proto_nce(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(first, captured):
+        assert torch.equal(a, b)
+
+
+@cuda_only
+def test_cuda_opcheck_and_compile():
+    q, k, queue, protos, phi, assign, negs = sample_inputs("cuda", n=5, ks=(4, 7))
+    torch.library.opcheck(torch.ops.pcl_ext.proto_nce.default,
+                          (q, k, queue, protos, phi, assign, negs, 0.2))
+    compiled = torch.compile(pcl_ext.proto_nce, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, queue, protos, phi, assign, negs),
+                               pcl_ext.proto_nce(q, k, queue, protos, phi, assign, negs))
+
+
+@cuda_only
+def test_cuda_bad_values_and_devices():
+    q, k, queue, protos, phi, assign, negs = sample_inputs("cuda", ks=(5, 9))
+    with pytest.raises(ValueError, match=r"`queue` must be on cuda"):
+        pcl_ext.proto_nce(q, k, queue.cpu(), protos, phi, assign, negs)
+    bad = [a.clone() for a in assign]
+    bad[1][0] = 9
+    with pytest.raises(ValueError, match=r"`assignments\[1\]`"):
+        pcl_ext.proto_nce(q, k, queue, protos, phi, bad, negs)
+    bad_phi = [p.clone() for p in phi]
+    bad_phi[0][3] = 0
+    with pytest.raises(ValueError, match=r"`phi\[0\]`"):
+        pcl_ext.proto_nce(q, k, queue, protos, bad_phi, assign, negs)
+    # Unchecked (as under graph capture): a bad id gives NaN, never an out-of-bounds read.
+    loss = pcl_ext.proto_nce(q, k, queue, protos, phi, bad, negs, check_values=False)
+    assert torch.isnan(loss).item()
