@@ -20,4 +20,15 @@ TORCH_LIBRARY(pcl_ext, m) {
   m.def(
       "proto_nce(Tensor q, Tensor k, Tensor queue, Tensor[] prototypes, Tensor[] phi, "
       "Tensor[] assignments, Tensor[] negatives, float temperature) -> (Tensor, Tensor, Tensor)");
+  // EMA of the key encoder: key[i] <- momentum * key[i] + (1 - momentum) * query[i], in place.
+  m.def("momentum_update_(Tensor(a!)[] key, Tensor[] query, float momentum) -> ()");
+  // Ring-buffer queue: write `keys` at rows ptr, ptr+1, ... (mod size) of `buffer`, advance ptr.
+  m.def("ring_enqueue_(Tensor(a!) buffer, Tensor(b!) ptr, Tensor keys) -> ()");
+  // Per-cluster sums for PCL's concentration: (mean sqrt(sq_dist) / log(count + alpha) where
+  // count > 1, else 0; member counts).
+  m.def("cluster_stats(Tensor sq_dist, Tensor im2cluster, int num_clusters, float alpha) "
+        "-> (Tensor, Tensor)");
+  // The r free clusters (not in `assignments`) with the smallest random `keys`: r distinct ids,
+  // uniform over the free clusters when the keys are i.i.d.
+  m.def("sample_negatives(Tensor assignments, Tensor keys, int r) -> Tensor");
 }
