@@ -17,6 +17,8 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+# The trainer's and evaluation's libraries (the ops themselves need only torch).
+TRAIN_REQUIRES = ["torchvision", "scikit-learn", "faiss-cpu", "tqdm", "matplotlib"]
 
 
 def want_cuda() -> bool:
@@ -72,7 +74,10 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     install_requires=["torch", "numpy"],
-    extras_require={"test": ["pytest", "numpy"]},
+    extras_require={
+        "train": TRAIN_REQUIRES,
+        "test": TRAIN_REQUIRES + ["pytest"],
+    },
     python_requires=">=3.10",
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
