@@ -1,0 +1,203 @@
+"""Evaluation of frozen features: weighted kNN, linear probe, and clustering quality.
+
+``evaluate_encoder`` runs all three on an encoder; ``format_table`` prints several encoders'
+results side by side (e.g. trained vs random init). ``python -m pcl_ext.evaluate CHECKPOINT``
+evaluates a ``pcl_ext.train`` checkpoint beside a random encoder of the same architecture.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["extract_features", "knn_accuracy", "linear_probe", "cluster_quality",
+           "evaluate_encoder", "evaluate_checkpoint", "format_table"]
+
+
+@torch.no_grad()
+def extract_features(model_or_fn: Union[nn.Module, Callable[[Tensor], Tensor]],
+                     loader: Iterable, device: Union[str, torch.device],
+                     progress: bool = True) -> tuple[Tensor, Tensor]:
+    """L2-normalized features ``[n, d]`` (float32) and labels ``[n]`` (int64), on ``device``.
+
+    ``loader`` yields ``(images, labels, ...)`` batches. An ``nn.Module`` runs in eval mode
+    (batch-norm statistics frozen) and gets its previous mode back afterwards.
+    """
+    from tqdm import tqdm
+
+    was_training = isinstance(model_or_fn, nn.Module) and model_or_fn.training
+    if isinstance(model_or_fn, nn.Module):
+        model_or_fn.eval()
+    feats, labels = [], []
+    try:
+        for batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+            out = model_or_fn(batch[0].to(device, non_blocking=True))
+            feats.append(F.normalize(out.float().flatten(1), dim=1))
+            labels.append(batch[1].to(device, torch.long))
+    finally:
+        if was_training:
+            model_or_fn.train()
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
+                 test_labels: Tensor, k: int = 200, t: float = 0.07,
+                 num_classes: Optional[int] = None, block_elems: int = 1 << 26) -> float:
+    r"""Top-1 accuracy (%) of the weighted kNN classifier of InstDisc (Wu et al., 2018).
+
+    Each test sample takes its ``k`` most cosine-similar training samples; neighbour ``j``
+    votes for its class with weight :math:`\exp(s_j / t)`; the class with the largest summed
+    weight wins (ties: the smallest class id). Features are L2-normalized here, so passing
+    normalized or raw features gives the same result. Test rows are processed in blocks of
+    about ``block_elems`` similarities (256 MiB; one row at least), so memory stays bounded.
+    """
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1).to(train.device)
+    train_labels = train_labels.to(train.device)
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train.shape[0])
+    rows = max(1, block_elems // max(train.shape[0], k * num_classes))
+    correct = 0
+    for test_block, label_block in zip(test.split(rows), test_labels.to(train.device).split(rows)):
+        sim, idx = (test_block @ train.t()).topk(k, dim=1)                # b x k
+        votes = F.one_hot(train_labels[idx], num_classes).float()         # b x k x C
+        # a contraction, not scatter_add_: no atomics, so the same votes on every run
+        scores = torch.einsum("bk,bkc->bc", (sim / t).exp(), votes)       # b x C
+        correct += (scores.argmax(1) == label_block).sum().item()
+    return 100.0 * correct / test.shape[0]
+
+
+def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
+                 test_labels: Tensor, *, max_iter: int = 1000) -> float:
+    """Top-1 accuracy (%) of a multinomial logistic regression on frozen features.
+
+    scikit-learn's L-BFGS on standardized features: a convex problem solved to convergence,
+    with no learning rate or schedule to tune per encoder (L2 penalty ``C = 1``).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    probe.fit(_numpy(train_feats), _numpy(train_labels))
+    return 100.0 * probe.score(_numpy(test_feats), _numpy(test_labels))
+
+
+def cluster_quality(feats: Tensor, labels: Tensor, num_clusters: int, seed: int = 0,
+                    nredo: int = 1) -> dict[str, float]:
+    """AMI and NMI between the classes and a k-means clustering of the L2-normalized features.
+
+    k-means is PCL's (``pcl_ext.cluster.kmeans``: faiss, 20 iterations), best of ``nredo``
+    runs.
+    """
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    from .cluster import kmeans
+
+    assign = _numpy(kmeans(F.normalize(feats.float(), dim=1), num_clusters,
+                           seed=seed, nredo=nredo).assignments)
+    truth = _numpy(labels)
+    return {"ami": float(adjusted_mutual_info_score(truth, assign)),
+            "nmi": float(normalized_mutual_info_score(truth, assign))}
+
+
+def evaluate_encoder(encoder: Union[nn.Module, Callable[[Tensor], Tensor]],
+                     train_eval_loader: Iterable, test_loader: Iterable, num_classes: int,
+                     device: Union[str, torch.device], *, knn_k: int = 200, knn_t: float = 0.07,
+                     seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """kNN and linear-probe top-1 (%) on the test set, AMI/NMI of k-means on the train set.
+
+    ``train_eval_loader`` should yield the training images without augmentation. k-means uses
+    ``num_classes`` clusters on the training features (the set PCL's E-step clusters).
+    """
+    train_x, train_y = extract_features(encoder, train_eval_loader, device, progress)
+    test_x, test_y = extract_features(encoder, test_loader, device, progress)
+    return {"knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, k=knn_k, t=knn_t,
+                                     num_classes=num_classes),
+            "linear_top1": linear_probe(train_x, train_y, test_x, test_y),
+            **cluster_quality(train_x, train_y, num_classes, seed=seed)}
+
+
+_COLUMNS = {"knn_top1": ("kNN top-1 %", ".2f"), "linear_top1": ("linear top-1 %", ".2f"),
+            "ami": ("AMI", ".4f"), "nmi": ("NMI", ".4f")}
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """One line per encoder (``{"trained": metrics, "random init": metrics}``), one column per
+    metric: those of ``evaluate_encoder`` first, then any others; ``-`` where one is missing."""
+    keys = [k for k in _COLUMNS if any(k in r for r in rows.values())]
+    keys += sorted({k for r in rows.values() for k in r} - set(keys))
+    heads = [_COLUMNS.get(k, (k, ".4g"))[0] for k in keys]
+    cells = [[name] + [format(r[k], _COLUMNS.get(k, (k, ".4g"))[1]) if k in r else "-"
+                       for k in keys] for name, r in rows.items()]
+    widths = [max(len(str(c)) for c in col) for col in zip(["encoder"] + heads, *cells)]
+    lines = [["encoder"] + heads] + cells
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def evaluate_checkpoint(path: Union[str, Path], device: Union[str, torch.device, None] = None,
+                        *, batch_size: int = 512, progress: bool = True) -> dict[str, dict]:
+    """Evaluate the query encoder of a ``pcl_ext.train`` checkpoint beside a randomly
+    initialised encoder of the same architecture; print the table and write it as JSON
+    (``eval.json`` beside the checkpoint). Backbone (pre-MLP) features are evaluated."""
+    from torch.utils.data import DataLoader
+
+    from .data import build_datasets
+    from .models import build_encoder
+
+    path = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    args = ckpt["args"]
+    _, train_eval, test, info = build_datasets(args["dataset"], args["data_root"],
+                                               image_size=args["image_size"])
+    loaders = [DataLoader(ds, batch_size=batch_size) for ds in (train_eval, test)]
+    spec = dict(arch=args["arch"], dim=args["low_dim"], small_images=info.small_images,
+                in_channels=info.channels)
+    torch.manual_seed(args["seed"])  # the trained encoder's own initialisation
+    encoders = {f"PCL, epoch {ckpt['epoch']}" if args["num_cluster"] else
+                f"MoCo, epoch {ckpt['epoch']}": build_encoder(**spec),
+                "random init": build_encoder(**spec)}
+    next(iter(encoders.values())).load_state_dict(ckpt["model_q"])
+    rows = {}
+    for name, encoder in encoders.items():
+        encoder.to(device).eval()
+        rows[name] = evaluate_encoder(encoder.features, *loaders, info.num_classes, device,
+                                      seed=args["seed"], progress=progress)
+    print(format_table(rows), flush=True)
+    tmp = path.with_name("eval.json.tmp")
+    tmp.write_text(json.dumps({"checkpoint": str(path), "dataset": args["dataset"],
+                               "results": rows}, indent=2))
+    os.replace(tmp, path.with_name("eval.json"))
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="kNN, linear probe and AMI/NMI of a "
+                                     "pcl_ext.train checkpoint against a random encoder")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    return evaluate_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size,
+                               progress=args.progress)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""pcl_ext.evaluate: weighted kNN, linear probe, clustering quality, feature extraction."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pcl_ext.evaluate import (cluster_quality, evaluate_encoder, extract_features,
+                              format_table, knn_accuracy, linear_probe)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """faiss's OpenMP threads spin-wait: on a busy 2-core CI machine one thread is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def separable(num_classes=5, per_class=100, d=16, noise=0.1, seed=0):
+    """Classes around fixed random unit directions: (features, labels), shuffled; the seed
+    draws the noise only, so train and test sets share their classes."""
+    centres = F.normalize(torch.randn(num_classes, d,
+                                      generator=torch.Generator().manual_seed(1234)), dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    x = centres[labels] + noise * torch.randn(len(labels), d, generator=gen)
+    perm = torch.randperm(len(labels), generator=gen)
+    return x[perm], labels[perm]
+
+
+def unit2d(degrees):
+    rad = math.radians(degrees)
+    return [math.cos(rad), math.sin(rad)]
+
+
+def test_knn_separable():
+    train_x, train_y = separable(seed=0)
+    test_x, test_y = separable(per_class=40, seed=1)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, num_classes=5) == 100.0
+
+
+def test_knn_random_labels_is_chance():
+    gen = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(3000, 16, generator=gen), torch.randn(2000, 16, generator=gen)
+    train_y, test_y = torch.randint(10, (3000,), generator=gen), torch.randint(10, (2000,),
+                                                                                generator=gen)
+    # chance is 10% +- 0.7% (one standard deviation over 2000 test samples)
+    assert 6.0 < knn_accuracy(train_x, train_y, test_x, test_y, num_classes=10) < 14.0
+
+
+def test_knn_weighting_by_hand():
+    # q = (1, 0); neighbours: class 0 at 0 degrees (cos = 1), class 1 at +-30 degrees
+    # (cos = 0.866). Votes: class 0 exp(1/t), class 1 2 exp(0.866/t).
+    train_x = torch.tensor([unit2d(0), unit2d(30), unit2d(-30)])
+    train_y = torch.tensor([0, 1, 1])
+    q, label0 = torch.tensor([unit2d(0)]), torch.tensor([0])
+    # t = 0.07: exp(14.29) = 1.6e6 > 2 exp(12.37) = 4.7e5; t = 1: e = 2.72 < 2 e^0.866 = 4.75
+    assert knn_accuracy(train_x, train_y, q, label0, k=3, t=0.07) == 100.0
+    assert knn_accuracy(train_x, train_y, q, label0, k=3, t=1.0) == 0.0
+    # k = 2 at 20 degrees: neighbours 30 (cos 10) and 0 (cos 20); the nearer one wins a 1:1 vote
+    q = torch.tensor([unit2d(20)])
+    assert knn_accuracy(train_x, train_y, q, torch.tensor([1]), k=2, t=1.0) == 100.0
+    # the scale of the features does not matter (cosine similarity)
+    assert knn_accuracy(3 * train_x, train_y, 0.1 * q, torch.tensor([1]), k=2, t=1.0) == 100.0
+
+
+def test_knn_blocks_do_not_change_the_result():
+    train_x, train_y = separable(noise=0.8, seed=2)
+    test_x, test_y = separable(per_class=30, noise=0.8, seed=3)
+    whole = knn_accuracy(train_x, train_y, test_x, test_y, k=20)
+    assert 30.0 < whole < 100.0  # a non-trivial case
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=20, block_elems=1) == whole
+
+
+def test_linear_probe_separable():
+    train_x, train_y = separable(num_classes=3, per_class=100, d=8, noise=0.2, seed=0)
+    test_x, test_y = separable(num_classes=3, per_class=50, d=8, noise=0.2, seed=1)
+    assert linear_probe(train_x, train_y, test_x, test_y) >= 99.0
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))]
+    assert linear_probe(train_x, shuffled, test_x, test_y) < 60.0
+
+
+def test_cluster_quality_perfect_vs_shuffled():
+    x, y = separable(num_classes=4, per_class=150, noise=0.05)
+    good = cluster_quality(x, y, 4, nredo=10)
+    assert good["ami"] > 0.99 and good["nmi"] > 0.99
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    bad = cluster_quality(x, shuffled, 4, nredo=10)
+    assert abs(bad["ami"]) < 0.02 and bad["nmi"] < 0.05
+
+
+def test_extract_features_restores_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).train()
+    x, y = torch.randn(50, 6), torch.arange(50) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=7)
+    feats, labels = extract_features(model, loader, "cpu", progress=False)
+    assert model.training
+    assert feats.shape == (50, 4) and feats.dtype == torch.float32
+    assert labels.dtype == torch.int64 and torch.equal(labels, y)
+    model.eval()
+    torch.testing.assert_close(feats, F.normalize(model(x), dim=1))
+    feats2, _ = extract_features(lambda b: b[:, :3], loader, "cpu", progress=False)
+    torch.testing.assert_close(feats2, F.normalize(x[:, :3], dim=1))
+
+
+def test_evaluate_encoder_end_to_end():
+    train_x, train_y = separable(num_classes=3, per_class=60, d=8, noise=0.05, seed=0)
+    test_x, test_y = separable(num_classes=3, per_class=20, d=8, noise=0.05, seed=1)
+    train = DataLoader(TensorDataset(train_x, train_y), batch_size=32)
+    test = DataLoader(TensorDataset(test_x, test_y), batch_size=32)
+    out = evaluate_encoder(nn.Identity(), train, test, 3, "cpu", progress=False)
+    assert set(out) == {"knn_top1", "linear_top1", "ami", "nmi"}
+    assert out["knn_top1"] == out["linear_top1"] == 100.0
+    assert 0.0 < out["ami"] <= 1.0 and 0.0 < out["nmi"] <= 1.0
+
+
+def test_format_table():
+    table = format_table({
+        "trained": {"knn_top1": 85.214, "linear_top1": 88.4, "ami": 0.51234, "nmi": 0.6},
+        "random init": {"knn_top1": 40.1, "ami": 0.1, "nmi": 0.2, "epochs": 0}})
+    lines = table.splitlines()
+    assert len(lines) == 3 and len({len(line) for line in lines}) == 1  # aligned
+    assert lines[0].split()[:3] == ["encoder", "kNN", "top-1"]
+    for number in ("85.21", "88.40", "0.5123", "0.6000"):
+        assert number in lines[1]
+    for number in ("40.10", "0.1000", "0.2000"):
+        assert number in lines[2]
+    assert lines[1].startswith("trained") and lines[2].startswith("random init")
+    assert " - " in lines[2] + " " and "epochs" in lines[0]
