@@ -39,6 +39,15 @@ def want_cuda() -> bool:
     return found
 
 
+def wheel_cuda_includes() -> list[str]:
+    """pip's CUDA torch ships the CUDA library headers (cusparse.h, cublas_v2.h, ...) that
+    ATen/cuda/CUDAContext.h includes; a bare toolkit may lack them. -isystem searches them
+    after the toolkit's own include folder, so the toolkit's runtime headers still win."""
+    root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    dirs = sorted(glob.glob(os.path.join(root, "*", "include")))
+    return [flag for d in dirs for flag in ("-isystem", d)]
+
+
 def write_build_info(with_cuda: bool) -> None:
     with open(os.path.join(HERE, "pcl_ext", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py: the torch this package was compiled against.\n")
@@ -61,7 +70,7 @@ def extension():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         args["extra_compile_args"]["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr",
-                                                    "-lineinfo"]
+                                                    "-lineinfo"] + wheel_cuda_includes()
         return cpp_extension.CUDAExtension("pcl_ext._C", sources, **args)
     return cpp_extension.CppExtension("pcl_ext._C", sources, **args)
 
@@ -79,5 +88,7 @@ setup(
         "test": TRAIN_REQUIRES + ["pytest"],
     },
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["pcl-train = pcl_ext.train:main",
+                                      "pcl-evaluate = pcl_ext.evaluate:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

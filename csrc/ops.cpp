@@ -14,12 +14,15 @@ PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(pcl_ext, m) {
-  // Fused ProtoNCE forward. Returns (loss, dloss/dq, dloss/dk): the gradients are accumulated
-  // during the forward pass, so backward is a scale by the incoming gradient.
-  // `negatives` empty: all-prototype mode; one tensor per clustering: sampled mode.
+  // Fused ProtoNCE forward. Returns (loss, dloss/dq, dloss/dk, correct): the gradients are
+  // accumulated during the forward pass, so backward is a scale by the incoming gradient;
+  // correct [1 + M, N] bool tells, per term and row, whether the target logit is the row's
+  // largest (top-1 accuracy, for free). `negatives` empty: all-prototype mode; one tensor per
+  // clustering: sampled mode.
   m.def(
       "proto_nce(Tensor q, Tensor k, Tensor queue, Tensor[] prototypes, Tensor[] phi, "
-      "Tensor[] assignments, Tensor[] negatives, float temperature) -> (Tensor, Tensor, Tensor)");
+      "Tensor[] assignments, Tensor[] negatives, float temperature) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // EMA of the key encoder: key[i] <- momentum * key[i] + (1 - momentum) * query[i], in place.
   m.def("momentum_update_(Tensor(a!)[] key, Tensor[] query, float momentum) -> ()");
   // Ring-buffer queue: write `keys` at rows ptr, ptr+1, ... (mod size) of `buffer`, advance ptr.

@@ -11,7 +11,9 @@
 
 namespace pcl_ext {
 
-using ProtoNCEOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // loss, dL/dq, dL/dk
+// loss, dL/dq, dL/dk, and correct [1 + M, N] (bool): the target logit is the row's maximum, up
+// to the rounding between the tiled logits and the separately computed target logit.
+using ProtoNCEOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ProtoNCEOut proto_nce_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue,
                           at::TensorList prototypes, at::TensorList phi,

@@ -14,6 +14,10 @@ except ImportError as exc:  # an ABI mismatch shows up here as undefined symbols
                       "`pip install --no-build-isolation .` against the installed torch") from exc
 
 from . import reference  # noqa: E402
-from .ops import proto_nce  # noqa: E402
+from .ops import concentration, momentum_update_, proto_nce, sample_negatives  # noqa: E402
+from .cluster import ClusterResult, cluster  # noqa: E402
+from .queue import RingQueue  # noqa: E402
+from .loss import ProtoNCELoss  # noqa: E402
 
-__all__ = ["proto_nce", "reference"]
+__all__ = ["ClusterResult", "ProtoNCELoss", "RingQueue", "cluster", "concentration",
+           "momentum_update_", "proto_nce", "reference", "sample_negatives"]

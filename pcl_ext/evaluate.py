@@ -185,7 +185,7 @@ def evaluate_checkpoint(path: Union[str, Path], device: Union[str, torch.device,
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
+def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="kNN, linear probe and AMI/NMI of a "
@@ -195,8 +195,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict]:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    return evaluate_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size,
-                               progress=args.progress)
+    evaluate_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size,
+                        progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["proto_nce"]
+__all__ = ["proto_nce", "proto_nce_with_accuracy"]
 
 
 def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor] = (),
@@ -50,6 +50,20 @@ def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor] 
     tensor cores only when ``torch.get_float32_matmul_precision()`` allows), float16, bfloat16
     with float32 accumulation. Deterministic on both devices.
     """
+    return proto_nce_with_accuracy(q, k, queue, prototypes, phi, assignments, negatives,
+                                   temperature=temperature, check_values=check_values)[0]
+
+
+def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
+                            prototypes: Sequence[Tensor] = (), phi: Sequence[Tensor] = (),
+                            assignments: Sequence[Tensor] = (),
+                            negatives: Optional[Sequence[Tensor]] = None, *,
+                            temperature: float = 0.2,
+                            check_values: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`proto_nce` and, from the same pass, ``correct`` [1 + M, N] (bool): whether row
+    ``i``'s target logit is its largest in the instance term (row 0) and in each clustering
+    (PCL's top-1 accuracies). A target tied with another column up to rounding counts as
+    correct; the instance target wins exact ties, as ``argmax`` does."""
     prototypes, phi, assignments = list(prototypes), list(phi), list(assignments)
     negs = [] if negatives is None else list(negatives)
     if negatives is not None and len(negs) != len(prototypes):
@@ -61,14 +75,15 @@ def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor] 
                 raise ValueError(f"proto_nce: `{name}` requires grad, but the loss is "
                                  "differentiable only w.r.t. `q` and `k`; pass it detached")
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
-        loss = proto_nce(q.float(), k.float(), queue.float(), [c.float() for c in prototypes],
-                         phi, assignments, negatives, temperature=temperature)
-        return loss.to(q.dtype)
+        loss, correct = proto_nce_with_accuracy(
+            q.float(), k.float(), queue.float(), [c.float() for c in prototypes], phi,
+            assignments, negatives, temperature=temperature)
+        return loss.to(q.dtype), correct
     if check_values and q.device.type != "cpu" and not _tracing():
         _check_values(prototypes, phi, assignments, negs)
-    loss, _, _ = torch.ops.pcl_ext.proto_nce.default(q, k, queue, prototypes, phi, assignments,
-                                                     negs, float(temperature))
-    return loss
+    loss, _, _, correct = torch.ops.pcl_ext.proto_nce.default(
+        q, k, queue, prototypes, phi, assignments, negs, float(temperature))
+    return loss, correct
 
 
 def _tracing() -> bool:
@@ -99,16 +114,18 @@ def _check_values(prototypes, phi, assignments, negatives) -> None:
 
 @torch.library.register_fake("pcl_ext::proto_nce")
 def _proto_nce_fake(q, k, queue, prototypes, phi, assignments, negatives, temperature):
-    return q.new_empty(()), q.new_empty(q.shape), q.new_empty(q.shape)
+    return (q.new_empty(()), q.new_empty(q.shape), q.new_empty(q.shape),
+            q.new_empty((1 + len(prototypes), q.shape[0]), dtype=torch.bool))
 
 
 def _proto_nce_setup_context(ctx, inputs, output):
-    _, dq, dk = output
+    _, dq, dk, correct = output
     ctx.save_for_backward(dq, dk)
+    ctx.mark_non_differentiable(correct)
     ctx.list_lengths = [len(inputs[i]) for i in range(3, 7)]
 
 
-def _proto_nce_backward(ctx, grad_loss, _grad_dq, _grad_dk):
+def _proto_nce_backward(ctx, grad_loss, _grad_dq, _grad_dk, _grad_correct):
     if torch.is_grad_enabled():
         raise RuntimeError("proto_nce: double backward (create_graph=True) is not supported; "
                            "the gradient is accumulated during the forward pass")
@@ -119,3 +136,247 @@ def _proto_nce_backward(ctx, grad_loss, _grad_dq, _grad_dk):
 
 torch.library.register_autograd("pcl_ext::proto_nce", _proto_nce_backward,
                                 setup_context=_proto_nce_setup_context)
+
+
+# ------------------------------------------------------------------------ momentum_update_
+from collections.abc import Iterable  # noqa: E402
+
+__all__ += ["momentum_update_"]
+
+
+def momentum_update_(key: torch.nn.Module | Iterable[Tensor],
+                     query: torch.nn.Module | Iterable[Tensor], m: float) -> None:
+    r"""MoCo's momentum update of the key encoder, in place: for every parameter pair
+
+    .. math:: \theta_k \leftarrow m\,\theta_k + (1 - m)\,\theta_q
+
+    Args:
+        key: the key (momentum) encoder, updated in place: an ``nn.Module`` (its
+            ``parameters()``; buffers such as BatchNorm statistics are not averaged, as in
+            MoCo and PCL), an iterable of tensors, or one tensor.
+        query: the query encoder, the same kind of object; pairwise the same count, shape,
+            dtype and device as ``key`` (dtypes may differ from pair to pair).
+        m: the momentum, in ``[0, 1]`` (PCL: 0.999). ``m = 1`` keeps ``key``, ``m = 0``
+            copies ``query``.
+
+    Works on the tensors' data, outside autograd (like MoCo's ``@torch.no_grad()``). One
+    pass over memory (12 bytes per float32 parameter): one multi-threaded loop on the CPU,
+    one multi-tensor kernel per dtype on CUDA, no host synchronization. Half precision is
+    computed in float32. Deterministic. Dense tensors of any layout are updated where they
+    lie, other ``key`` tensors through a contiguous copy. Not capturable in a CUDA graph (the
+    CUDA kernel's tensor table is copied from host memory at every call).
+    """
+    keys = _tensor_list(key, "key")
+    queries = _tensor_list(query, "query")
+    m = float(m)
+    if not (keys or queries):  # nothing to dispatch on; the op checks `m` otherwise
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"momentum_update_: `m` must be a finite number in [0, 1], got {m}")
+        return
+    # no_grad rather than .detach() per tensor: the same effect (the kernel writes the data,
+    # autograd records nothing) at a third of the Python cost for ResNet-50's 161 pairs.
+    with torch.no_grad():
+        torch.ops.pcl_ext.momentum_update_.default(keys, queries, m)
+
+
+def _tensor_list(obj, name: str) -> list[Tensor]:
+    if isinstance(obj, torch.nn.Module):
+        return list(obj.parameters())
+    if isinstance(obj, Tensor):
+        return [obj]
+    if not isinstance(obj, Iterable):
+        raise TypeError(f"momentum_update_: `{name}` must be an nn.Module or an iterable of "
+                        f"tensors, got {type(obj).__name__}")
+    out = list(obj)
+    for i, t in enumerate(out):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"momentum_update_: `{name}[{i}]` must be a Tensor, got "
+                            f"{type(t).__name__}")
+    return out
+
+
+@torch.library.register_fake("pcl_ext::momentum_update_")
+def _momentum_update_fake(key, query, momentum):
+    return None
+
+
+# ---------------------------------------------------------------------------- ring_enqueue_
+__all__ += ["ring_enqueue_"]
+
+
+def ring_enqueue_(buffer: Tensor, ptr: Tensor, keys: Tensor) -> None:
+    r"""Write ``keys`` into the ring buffer ``buffer`` at ``ptr`` and advance ``ptr``, in place.
+
+    Row ``j`` of ``keys`` goes to row ``(ptr + j) mod size`` of ``buffer`` and then
+    ``ptr <- (ptr + B) mod size``: exactly what enqueueing the rows one at a time does. For
+    ``B > size`` later rows overwrite earlier ones, so only the last ``size`` rows of ``keys``
+    remain, each where sequential enqueueing leaves it. ``B = 0`` changes nothing.
+
+    Args:
+        buffer: ``[size, dim]``, ``size >= 1``, float32, float64, float16 or bfloat16, any
+            strides; updated in place.
+        ptr: int64 tensor of one element in ``[0, size)``, on ``buffer``'s device; advanced in
+            place.
+        keys: ``[B, dim]`` with ``buffer``'s dtype and device, any strides, not sharing memory
+            with ``buffer``; read without gradient.
+
+    One kernel launch on either device. On CUDA the pointer never leaves device memory: no host
+    synchronization, capturable in a CUDA graph. The CPU kernel raises IndexError for a ``ptr``
+    outside ``[0, size)``; the CUDA kernel cannot check it without synchronizing (it still
+    never writes out of bounds, but the result is then unspecified). Exact copies, so
+    deterministic.
+    """
+    torch.ops.pcl_ext.ring_enqueue_.default(buffer, ptr, keys.detach())
+
+
+@torch.library.register_fake("pcl_ext::ring_enqueue_")
+def _ring_enqueue_fake(buffer, ptr, keys):
+    return None
+
+
+# ---------------------------------------------------------------------------- concentration
+import math  # noqa: E402
+
+__all__ += ["concentration"]
+
+
+def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
+                  temperature: float = 0.2, alpha: float = 10.0) -> Tensor:
+    r"""PCL's concentration estimate :math:`\phi` of every cluster (the E-step's "density").
+
+    For cluster ``c`` with members :math:`Z_c` at squared distances :math:`d_z` from its
+    centroid (before the centroids are normalized into prototypes),
+
+    .. math::
+        \phi_c = \frac{\frac{1}{|Z_c|}\sum_{z\in Z_c}\sqrt{d_z}}{\log(|Z_c| + \alpha)}
+        \qquad (|Z_c| > 1).
+
+    Clusters with at most one member (empty ones too) take :math:`\max_c \phi_c`; then
+    :math:`\phi` is clipped to its 10th and 90th percentiles (NumPy's default linear
+    interpolation) and scaled so that its mean is ``temperature``. This is ``run_kmeans`` of
+    PCL's ``main_pcl.py`` without its Python loops. Where every :math:`\phi_c` is zero after the
+    clipping (no cluster has two members, or every point sits on its centroid) PCL divides zero
+    by zero and gets NaN; this returns the constant ``temperature`` instead.
+
+    Args:
+        sq_dist: ``[n]`` or faiss's ``[n, 1]`` squared L2 distance of each point to its own
+            centroid (``D`` of ``index.search(x, 1)``), finite and ``>= 0``, any float dtype.
+        im2cluster: ``[n]`` or ``[n, 1]`` int64 cluster of each point, in
+            ``[0, num_clusters)``, on ``sq_dist``'s device.
+        num_clusters: ``K >= 1`` (may exceed ``n``).
+        temperature: the mean of the result (PCL's ``--temperature``), ``> 0``.
+        alpha: the smoothing :math:`\alpha`, ``> -1``.
+
+    Returns:
+        ``[K]`` concentrations on ``sq_dist``'s device: float64 for float64 ``sq_dist``, else
+        float32.
+
+    The per-cluster reduction (op ``pcl_ext::cluster_stats``) accumulates in float64 and is
+    deterministic on both devices: one pass in index order on the CPU; on CUDA a stable sort by
+    cluster, then one warp per cluster adds its points in a fixed order (no float atomics). The
+    rest is a few vectorized float64 ops. The CPU kernel checks the values; on CUDA they are
+    checked here with one host synchronization, skipped during CUDA-graph capture and
+    ``torch.compile`` tracing (unchecked, ids outside ``[0, K)`` are ignored and bad distances
+    give NaN).
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"concentration: `temperature` must be a positive finite number, "
+                         f"got {temperature}")
+    if sq_dist.device.type != "cpu" and not _tracing():
+        _check_concentration_values(sq_dist, im2cluster, num_clusters)
+    phi, count = torch.ops.pcl_ext.cluster_stats.default(sq_dist.detach(), im2cluster,
+                                                         num_clusters, float(alpha))  # K, K
+    phi = torch.where(count > 1, phi, phi.max())  # the max over all K, zeros included, as PCL
+    # numpy.percentile's default method is torch.quantile's 'linear'.
+    lo, hi = torch.quantile(phi, torch.linspace(0.1, 0.9, 2, dtype=phi.dtype, device=phi.device))
+    phi = phi.clamp(lo, hi)
+    mean = phi.mean()
+    phi = torch.where(mean > 0, temperature * phi / mean, temperature)
+    return phi.to(torch.float64 if sq_dist.dtype == torch.float64 else torch.float32)
+
+
+def _check_concentration_values(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int) -> None:
+    """The CUDA value checks of concentration, in one host synchronization."""
+    if (im2cluster.dtype != torch.long or not sq_dist.is_floating_point()
+            or im2cluster.numel() != sq_dist.numel() or sq_dist.numel() == 0
+            or im2cluster.device != sq_dist.device or num_clusters < 1):
+        return  # nothing to read, or a structural error that the op names
+    ids_ok, dist_ok = torch.stack([
+        (im2cluster.min() >= 0) & (im2cluster.max() < num_clusters),
+        ((sq_dist >= 0) & torch.isfinite(sq_dist)).all()]).tolist()
+    if not ids_ok:
+        raise IndexError(f"concentration: `im2cluster` holds cluster ids outside "
+                         f"[0, {num_clusters})")
+    if not dist_ok:
+        raise ValueError("concentration: `sq_dist` must be finite and >= 0")
+
+
+@torch.library.register_fake("pcl_ext::cluster_stats")
+def _cluster_stats_fake(sq_dist, im2cluster, num_clusters, alpha):
+    return (sq_dist.new_empty((num_clusters,), dtype=torch.float64),
+            im2cluster.new_empty((num_clusters,)))
+
+
+# ------------------------------------------------------------------------- sample_negatives
+__all__ += ["sample_negatives"]
+
+
+def sample_negatives(assignments: Tensor, num_clusters: int, r: int,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    r"""``r`` distinct clusters, uniform among those that no row of the batch is assigned to.
+
+    PCL's ``random.sample(set(range(K)) - set(assignments), r)`` (``pcl/builder.py``): the
+    negatives of sampled-mode :func:`proto_nce`, made on ``assignments``' device without host
+    synchronization. ``K`` i.i.d. uniform keys are drawn with
+    ``torch.rand(K, generator=generator, device=assignments.device)``; the op
+    ``pcl_ext::sample_negatives`` returns the ``r`` free clusters with the smallest keys, so the
+    set is a uniform random ``r``-subset of the free clusters (ties of keys, rare in float32,
+    go to the smaller id). The ids come in increasing order, which makes gathering their
+    prototypes a forward sweep; the same generator state gives the same ids, and the same keys
+    give the same ids on either device.
+
+    Args:
+        assignments: ``[N]`` int64 cluster of each row, in ``[0, num_clusters)``.
+        num_clusters: ``K >= 1``.
+        r: how many, from 0 to the number of free clusters; ``r <= K - N`` always works.
+        generator: a ``torch.Generator`` on ``assignments``' device, or None for the default.
+
+    Returns:
+        ``[r]`` int64 on ``assignments``' device.
+
+    The CPU kernel raises IndexError for ids outside ``[0, K)`` and ValueError when ``r``
+    exceeds the free clusters. On CUDA, counting the free clusters needs a synchronization, so
+    it is done (with the id range check) only when ``r > K - N``, and skipped during CUDA-graph
+    capture and ``torch.compile`` tracing, where too large an ``r`` yields assigned clusters
+    too. Otherwise the ids are not checked on CUDA (:func:`proto_nce` checks the same
+    assignments): an id outside ``[0, K)`` excludes nothing.
+    """
+    if r < 0:
+        raise ValueError(f"sample_negatives: `r` must be >= 0, got {r}")
+    if num_clusters < 1:
+        raise ValueError(f"sample_negatives: `num_clusters` must be >= 1, got {num_clusters}")
+    if (assignments.device.type != "cpu" and r > num_clusters - assignments.numel()
+            and assignments.numel() > 0 and assignments.dtype == torch.long
+            and assignments.dim() == 1 and not _tracing()):
+        _check_free_clusters(assignments, num_clusters, r)
+    keys = torch.rand(num_clusters, generator=generator, device=assignments.device)
+    return torch.ops.pcl_ext.sample_negatives.default(assignments, keys, r)
+
+
+def _check_free_clusters(assignments: Tensor, num_clusters: int, r: int) -> None:
+    """Id range and free-cluster count on CUDA, in one host synchronization."""
+    in_range = (assignments.min() >= 0) & (assignments.max() < num_clusters)
+    taken = torch.zeros(num_clusters, dtype=torch.bool, device=assignments.device)
+    taken.index_fill_(0, assignments.clamp(0, num_clusters - 1), True)  # clamped: see in_range
+    ok, n_taken = torch.stack([in_range.long(), taken.sum()]).tolist()
+    if not ok:
+        raise IndexError(f"sample_negatives: `assignments` holds cluster ids outside "
+                         f"[0, {num_clusters})")
+    if r > num_clusters - n_taken:
+        raise ValueError(f"sample_negatives: `r` = {r} exceeds the {num_clusters - n_taken} "
+                         "clusters that no row of `assignments` is assigned to")
+
+
+@torch.library.register_fake("pcl_ext::sample_negatives")
+def _sample_negatives_fake(assignments, keys, r):
+    return assignments.new_empty((r,), dtype=torch.long)

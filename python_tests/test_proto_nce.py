@@ -323,3 +323,42 @@ def test_cuda_bad_values_and_devices():
     # Unchecked (as under graph capture): a bad id gives NaN, never an out-of-bounds read.
     loss = pcl_ext.proto_nce(q, k, queue, protos, phi, bad, negs, check_values=False)
     assert torch.isnan(loss).item()
+
+
+def reference_hits(q, k, queue, protos, phi, assign, negs):
+    """[1 + M, N]: argmax of each term's materialized logits is the target (float64)."""
+    q, k = q.detach().double(), k.detach().double()
+    inst = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.double().t()], dim=1)
+    hits = [inst.argmax(1) == 0]
+    for m, (c, p, a) in enumerate(zip(protos, phi, assign)):
+        if negs is None:
+            hits.append(((q @ c.double().t()) / p.double()).argmax(1) == a)
+        else:
+            ids = torch.cat([a, negs[m]])
+            logits = (q @ c.double()[ids].t()) / p.double()[ids]
+            hits.append(logits.argmax(1) == torch.arange(len(a)))
+    return torch.stack(hits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+def test_accuracy_flags_match_argmax(sampled, dtype):
+    # Distinct assignments so that no two sampled columns tie; a strong signal so that the
+    # flags are a mix of hits and misses.
+    n, ks = 24, (40, 64)
+    inputs = list(sample_inputs(dtype=dtype, n=n, d=16, q_len=50, ks=ks, r=10, sampled=sampled))
+    q, k, queue, protos, phi, assign, negs = inputs
+    assign = [torch.randperm(kk)[:n] for kk in ks]
+    q = (q.detach() + 0.8 * torch.stack([protos[0][a] for a in assign[0].tolist()])).to(dtype)
+    q = F.normalize(q, dim=1)
+    if sampled:
+        free = [torch.tensor(sorted(set(range(kk)) - set(a.tolist()))) for kk, a in zip(ks, assign)]
+        negs = [f[torch.randperm(len(f))[:10]] for f in free]
+    loss, correct = pcl_ext.ops.proto_nce_with_accuracy(q, k.detach(), queue, protos, phi,
+                                                        assign, negs)
+    want = reference_hits(q, k, queue, protos, phi, assign, negs)
+    assert correct.dtype == torch.bool and correct.shape == (3, n)
+    assert torch.equal(correct, want)
+    assert 0 < int(want[1].sum()) < n  # the check saw hits and misses
+    torch.testing.assert_close(loss, pcl_ext.proto_nce(q, k.detach(), queue, protos, phi, assign,
+                                                       negs))

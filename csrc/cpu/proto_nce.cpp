@@ -261,6 +261,11 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   const T* acc_p = acc_all.const_data_ptr<T>();
   T* dq_p = dq.data_ptr<T>();
   T* dk_p = dk.data_ptr<T>();
+  at::Tensor correct = at::empty({static_cast<int64_t>(terms.size()), n}, opts.dtype(at::kBool));
+  bool* correct_p = correct.data_ptr<bool>();
+  // The tiles' logits come from a GEMM, the target logit from a dot product: equal values may
+  // differ by rounding, which must not count a hit as a miss.
+  const T tol = 16 * std::numeric_limits<T>::epsilon() * static_cast<T>(d);
   double loss = 0.0;
   std::vector<T> expect(d), target(d);
   for (size_t ti = 0; ti < terms.size(); ++ti) {
@@ -284,10 +289,15 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
         target[c] = tcol[c] * tscale;
         tlogit += qi[c] * target[c];
       }
-      T mx = t.assign == nullptr ? tlogit : -std::numeric_limits<T>::infinity();
+      T col_max = -std::numeric_limits<T>::infinity();
       for (int64_t ci = 0; ci < nchunks; ++ci) {
-        if (chunks[ci].term == ti) mx = std::max(mx, row_max[ci * n + i]);
+        if (chunks[ci].term == ti) col_max = std::max(col_max, row_max[ci * n + i]);
       }
+      // The instance target is its own column (first, so it wins ties, as argmax does).
+      correct_p[ti * n + i] = t.assign == nullptr
+                                  ? tlogit >= col_max
+                                  : tlogit >= col_max - tol * std::max(T(1), std::abs(col_max));
+      const T mx = t.assign == nullptr ? std::max(tlogit, col_max) : col_max;
       T sum = 0;
       std::fill(expect.begin(), expect.end(), T(0));
       for (int64_t ci = 0; ci < nchunks; ++ci) {
@@ -314,7 +324,7 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
       }
     }
   }
-  return {at::scalar_tensor(loss, opts), dq, dk};
+  return {at::scalar_tensor(loss, opts), dq, dk, correct};
 }
 
 }  // namespace

@@ -1,0 +1,88 @@
+// Negative clusters of PCL's sampled ProtoNCE (pcl_ext.sample_negatives), on CUDA, with no host
+// synchronization: every cluster gets a distinct int64 rank that orders by (key, id) as on the
+// CPU, assigned clusters get the largest rank, topk picks the r smallest, and they are
+// returned in increasing id order, as on the CPU. Distinct ranks make the set independent of how
+// topk breaks ties. Ids of `assignments` outside [0, num_clusters) exclude nothing
+// (pcl_ext.sample_negatives and proto_nce check them).
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/topk.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace pcl_ext {
+
+// Defined in csrc/cpu/sample_negatives.cpp.
+void check_sample_negatives_args(const at::Tensor& assignments, const at::Tensor& keys,
+                                 int64_t r);
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kTaken = std::numeric_limits<int64_t>::max();
+
+// The CPU kernel's rank (csrc/cpu/sample_negatives.cpp): high 32 bits the key's bits mapped so
+// that unsigned order is float order (-0 made +0, which compares equal to it), low 32 bits the
+// id, which breaks ties. Flipping the top bit turns that unsigned order into topk's signed one.
+__device__ __forceinline__ uint32_t ordered_bits(float x) {
+  const uint32_t b = __float_as_uint(x + 0.0f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__global__ void rank_kernel(const float* __restrict__ keys, int64_t k, int64_t* __restrict__ rank) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < k;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t u = (uint64_t{ordered_bits(keys[c])} << 32) | static_cast<uint64_t>(c);
+    rank[c] = static_cast<int64_t>(u ^ (uint64_t{1} << 63));
+  }
+}
+
+__global__ void exclude_kernel(const int64_t* __restrict__ assignments, int64_t n, int64_t k,
+                               int64_t* __restrict__ rank) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t a = assignments[i];
+    if (a >= 0 && a < k) rank[a] = kTaken;
+  }
+}
+
+int grid_for(int64_t work) {
+  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, 4096));
+}
+
+at::Tensor sample_negatives_cuda(const at::Tensor& assignments, const at::Tensor& keys_in,
+                                 int64_t r) {
+  check_sample_negatives_args(assignments, keys_in, r);
+  const c10::cuda::CUDAGuard guard(assignments.device());
+  const at::Tensor ids = assignments.contiguous();
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t n = ids.numel(), k = keys.numel();
+  if (r == 0) return at::empty({0}, ids.options());
+  at::Tensor rank = at::empty({k}, ids.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  rank_kernel<<<grid_for(k), kThreads, 0, stream>>>(keys.const_data_ptr<float>(), k,
+                                                    rank.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n > 0) {
+    exclude_kernel<<<grid_for(n), kThreads, 0, stream>>>(ids.const_data_ptr<int64_t>(), n, k,
+                                                         rank.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // r larger than the free clusters cannot be checked here without a synchronization: the
+  // wrapper does it, only when r > num_clusters - N.
+  const at::Tensor picked =
+      std::get<1>(at::topk(rank, r, /*dim=*/0, /*largest=*/false, /*sorted=*/false));
+  return std::get<0>(at::sort(picked));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("sample_negatives", &sample_negatives_cuda); }
+
+}  // namespace pcl_ext

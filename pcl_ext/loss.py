@@ -1,0 +1,80 @@
+"""ProtoNCELoss: PCL's training loss as an nn.Module on top of the fused op."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .ops import proto_nce_with_accuracy, sample_negatives
+
+
+def _cluster_lists(cluster_result: Any) -> tuple[Sequence[Tensor], Sequence[Tensor],
+                                                 Sequence[Tensor]]:
+    """PCL's cluster_result dict, or any object with the same three attributes."""
+    try:
+        return (cluster_result["im2cluster"], cluster_result["centroids"],
+                cluster_result["density"])
+    except (TypeError, KeyError):
+        pass
+    try:
+        return cluster_result.im2cluster, cluster_result.centroids, cluster_result.density
+    except AttributeError:
+        raise TypeError("ProtoNCELoss: `cluster_result` must be PCL's dict or a ClusterResult "
+                        "with im2cluster, centroids and density lists") from None
+
+
+class ProtoNCELoss(nn.Module):
+    """PCL's loss: MoCo's InfoNCE plus ProtoNCE averaged over the clusterings, fused.
+
+    Args:
+        temperature: T of the instance term (PCL: 0.2).
+        num_negatives: r prototypes sampled per clustering among those that are no row's
+            positive (PCL: 16384, its ``--pcl-r``); ``None`` uses every prototype.
+        generator: a ``torch.Generator`` for the negative sampling (reproducible runs).
+
+    ``forward(q, k, queue, cluster_result=None, index=None)``: ``q, k`` [N, D]; ``queue``
+    [Q, D] (a tensor or a :class:`pcl_ext.RingQueue`); ``cluster_result`` PCL's dict (or a
+    ``ClusterResult``) whose ``im2cluster`` lists are indexed by dataset id, and ``index`` the
+    batch's dataset ids. Without ``cluster_result`` this is MoCo's InfoNCE (PCL's warm-up).
+    After each call ``acc_inst`` and ``acc_proto`` hold the top-1 accuracies (percent, 0-dim
+    tensors on the device, no host synchronization) that PCL's trainer logs; ``acc_proto`` is
+    the mean over clusterings and NaN without clusters.
+    """
+
+    def __init__(self, temperature: float = 0.2, num_negatives: Optional[int] = 16384,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        if num_negatives is not None and num_negatives < 0:
+            raise ValueError(f"ProtoNCELoss: `num_negatives` must be >= 0 or None, "
+                             f"got {num_negatives}")
+        self.temperature = temperature
+        self.num_negatives = num_negatives
+        self.generator = generator
+        self.acc_inst: Optional[Tensor] = None
+        self.acc_proto: Optional[Tensor] = None
+
+    def forward(self, q: Tensor, k: Tensor, queue: Any, cluster_result: Any = None,
+                index: Optional[Tensor] = None) -> Tensor:
+        queue = getattr(queue, "buffer", queue)
+        assignments, prototypes, phi, negatives = [], [], [], None
+        if cluster_result is not None:
+            if index is None:
+                raise ValueError("ProtoNCELoss: `index` (the batch's dataset ids) is required "
+                                 "with `cluster_result`")
+            im2cluster, prototypes, phi = _cluster_lists(cluster_result)
+            index = index.to(q.device)
+            assignments = [a.to(q.device)[index] for a in im2cluster]
+            if self.num_negatives is not None:
+                negatives = [sample_negatives(a, c.shape[0], self.num_negatives, self.generator)
+                             for a, c in zip(assignments, prototypes)]
+        loss, correct = proto_nce_with_accuracy(q, k, queue, prototypes, phi, assignments,
+                                                negatives, temperature=self.temperature)
+        accuracy = correct.float().mean(dim=1) * 100  # [1 + M]: instance, then each clustering
+        self.acc_inst = accuracy[0]
+        self.acc_proto = accuracy[1:].mean() if len(prototypes) else accuracy.new_tensor(
+            float("nan"))
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, num_negatives={self.num_negatives}"

@@ -1,0 +1,354 @@
+"""PCL's EM loop: MoCo v2 warm-up, then at every epoch cluster the momentum features and train
+with ProtoNCE. One process (CPU or GPU) or many with torchrun:
+
+    python -m pcl_ext.train                                   # the digits demo, CPU, minutes
+    python -m pcl_ext.train --dataset fashion-mnist --out runs/fmnist
+    torchrun --nproc_per_node 2 -m pcl_ext.train --out runs/ddp   # DDP (NCCL on GPUs, else gloo)
+    python -m pcl_ext.train --out runs/fmnist --resume        # continue a killed run
+
+Hyper-parameters default to PCL's (``main_pcl.py``); a data set's preset replaces those that
+cannot apply to it (PCL's 25k-100k clusters on 1,437 digits), and the command line overrides
+both. ``--num-cluster ''`` is the pure-MoCo ablation. Every epoch ends with an atomic checkpoint
+(model, momentum encoder, optimizer, queue, RNG states, last clustering) in ``--out``; a killed
+run resumed with ``--resume`` repeats at most the epoch it was in.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from tqdm import tqdm
+
+from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
+from .data import build_datasets
+from .evaluate import evaluate_encoder, format_table
+from .models import build_encoder
+
+# PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
+PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=256, lr=0.03,
+                    momentum=0.9, weight_decay=1e-4, low_dim=128, moco_m=0.999,
+                    queue_size=16384, temperature=0.2, pcl_r="16384",
+                    num_cluster="25000,50000,100000", image_size=None)
+# Where PCL's values cannot apply: cluster counts and queues sized to the data set, all
+# prototypes (r would exceed the free clusters), and for the CPU demo small inputs and a short
+# schedule.
+PRESETS = {
+    "digits": dict(arch="resnet18", epochs=40, warmup_epochs=10, batch_size=128, lr=0.06,
+                   queue_size=512, pcl_r="all", num_cluster="10,20,40", image_size=16),
+    "fashion-mnist": dict(arch="resnet18", epochs=30, warmup_epochs=5, batch_size=256,
+                          lr=0.06, queue_size=4096, pcl_r="all", num_cluster="50,100,200"),
+    "cifar10": dict(arch="resnet18", epochs=200, warmup_epochs=20, batch_size=256, lr=0.06,
+                    queue_size=4096, pcl_r="all", num_cluster="100,200,500"),
+    "imagefolder": {},
+}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=list(PRESETS))
+    p.add_argument("--data-root", default=None, help="folder of the data set's files")
+    p.add_argument("--out", default="runs/pcl", help="checkpoints, metrics and plots")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    for name in PCL_DEFAULTS:  # None: the data set's preset, else PCL's value
+        flag = "--" + name.replace("_", "-")
+        kind = type(PCL_DEFAULTS[name]) if PCL_DEFAULTS[name] is not None else int
+        p.add_argument(flag, type=kind if kind is not str else str, default=None,
+                       help=f"PCL: {PCL_DEFAULTS[name]}")
+    p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
+    p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="train on the first N samples only (smoke runs)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.dataset]
+    for name, pcl_value in PCL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, pcl_value))
+    args.num_cluster = [int(k) for k in str(args.num_cluster).split(",") if k.strip()]
+    args.pcl_r = None if str(args.pcl_r) == "all" else int(args.pcl_r)
+    return args
+
+
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: Optional[str]) -> None:
+        self.enabled = "RANK" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        self.device = torch.device(f"cuda:{local}" if use_cuda and self.enabled
+                                   else device or ("cuda" if use_cuda else "cpu"))
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.enabled:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.master = self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.enabled:
+            return obj
+        box = [obj if self.master else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+@torch.no_grad()
+def compute_features(model: nn.Module, dataset, args, env: Distributed) -> Tensor:
+    """Momentum-encoder embeddings of the whole training set, [n, dim], rows in dataset order
+    on every rank: each rank encodes its shard, then features are gathered *by index*."""
+    indices = torch.arange(len(dataset))[env.rank::env.world]
+    loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=args.batch_size * 2,
+                        num_workers=args.workers)
+    model.eval()
+    feats = []
+    for images, _ in tqdm(loader, desc="features", disable=not (args.progress and env.master),
+                          leave=False):
+        feats.append(F.normalize(model(images.to(env.device)), dim=1))
+    model.train()
+    local = torch.cat(feats)
+    if not env.enabled:
+        return local
+    width = math.ceil(len(dataset) / env.world)  # shards differ by at most one row: pad
+    padded = local.new_zeros(width, local.shape[1])
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(env.world)]
+    dist.all_gather(gathered, padded)
+    out = local.new_empty(len(dataset), local.shape[1])
+    for rank, part in enumerate(gathered):
+        rows = torch.arange(len(dataset))[rank::env.world]
+        out[rows.to(out.device)] = part[:len(rows)]
+    return out
+
+
+def run_estep(model_k: nn.Module, dataset, args, env: Distributed) -> ClusterResult:
+    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme)."""
+    features = compute_features(model_k, dataset, args, env)
+    result = None
+    if env.master:
+        result = cluster(features, args.num_cluster, niter=args.niter, nredo=args.nredo,
+                         temperature=args.temperature, seed=args.seed).to("cpu")
+    return env.broadcast(result).to(env.device)
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> float:
+    """PCL's cosine schedule, stepped per epoch."""
+    lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader, cluster_result,
+                    epoch: int, args, env: Distributed) -> dict[str, float]:
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, acc_inst, acc_proto
+    steps = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (args.progress and env.master),
+               leave=False)
+    for (im_q, im_k), index in bar:
+        im_q, im_k = im_q.to(env.device, non_blocking=True), im_k.to(env.device, non_blocking=True)
+        q = F.normalize(model_q(im_q), dim=1)                               # N x dim
+        with torch.no_grad():
+            momentum_update_(model_k, getattr(model_q, "module", model_q), args.moco_m)
+            k = F.normalize(model_k(im_k), dim=1)                           # N x dim
+        loss = criterion(q, k, queue, cluster_result, index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        queue.enqueue_(k)
+        acc_proto = criterion.acc_proto if cluster_result is not None else loss.new_zeros(())
+        sums += torch.stack([loss.detach(), criterion.acc_inst, acc_proto]).double()
+        steps += 1
+        if env.master and args.progress and steps % 10 == 0:
+            bar.set_postfix(loss=f"{sums[0].item() / steps:.3f}")
+    if env.enabled:
+        dist.all_reduce(sums)
+        sums /= env.world
+    loss, acc_inst, acc_proto = (sums / max(steps, 1)).tolist()
+    return {"loss": loss, "acc_inst": acc_inst,
+            "acc_proto": acc_proto if cluster_result is not None else None}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: a kill at any moment
+    leaves either the previous checkpoint or the new one, never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_metrics(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot(epochs, [h["loss"] for h in history])
+    axes[0].set_title("loss")
+    axes[1].plot(epochs, [h["acc_inst"] for h in history], label="instance")
+    proto = [(h["epoch"], h["acc_proto"]) for h in history if h["acc_proto"] is not None]
+    if proto:
+        axes[1].plot(*zip(*proto), label="prototype")
+    axes[1].set_title("top-1 accuracy (%)")
+    axes[1].legend()
+    axes[2].plot(epochs, [h["epoch_seconds"] for h in history], label="epoch")
+    axes[2].plot(epochs, [h["estep_seconds"] for h in history], label="E-step")
+    axes[2].set_title("seconds")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    train(parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The whole run; returns the final evaluation (rank 0, unless --no-eval)."""
+    env = Distributed(args.device)
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    if env.master:
+        out.mkdir(parents=True, exist_ok=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # same on every rank: identical initial models and queues
+
+    train_set, train_eval_set, test_set, info = build_datasets(
+        args.dataset, args.data_root, image_size=args.image_size)
+    if args.max_samples is not None:
+        keep = list(range(min(args.max_samples, len(train_set))))
+        train_set, train_eval_set = Subset(train_set, keep), Subset(train_eval_set, keep)
+    if args.pcl_r is not None and args.num_cluster and \
+            args.pcl_r > min(args.num_cluster) - args.batch_size // env.world:
+        sys.exit(f"--pcl-r {args.pcl_r} exceeds the free clusters of the smallest "
+                 f"--num-cluster {min(args.num_cluster)}; use --pcl-r all")
+    encoder = dict(arch=args.arch, dim=args.low_dim, small_images=info.small_images,
+                   in_channels=info.channels)
+    model_q = build_encoder(**encoder).to(env.device)
+    model_k = copy.deepcopy(model_q).requires_grad_(False)
+    queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
+    criterion = ProtoNCELoss(args.temperature, args.pcl_r,
+                             generator=torch.Generator(env.device).manual_seed(args.seed))
+    optimizer = torch.optim.SGD(model_q.parameters(), args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    start_epoch, history, cluster_result = 0, [], None
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=False)
+        model_q.load_state_dict(ckpt["model_q"])
+        model_k.load_state_dict(ckpt["model_k"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        queue.load_state_dict(ckpt["queue"])
+        criterion.generator.set_state(ckpt["sampler_rng"])
+        set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        cluster_result = ckpt["cluster_result"]
+        if env.master:
+            print(f"resumed {ckpt_path} at epoch {start_epoch}")
+    if env.enabled:
+        model_q = DistributedDataParallel(model_q, device_ids=[env.device] if
+                                          env.device.type == "cuda" else None)
+    sampler = (DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+               if env.enabled else RandomSampler(train_set, generator=torch.Generator()))
+    loader = DataLoader(train_set, batch_size=args.batch_size // env.world, sampler=sampler,
+                        num_workers=args.workers, drop_last=True,
+                        pin_memory=env.device.type == "cuda")
+    if env.master:
+        print(f"PCL on {args.dataset} ({len(train_set)} images), {args.arch}, "
+              f"{env.world} x {env.device}, clusters {args.num_cluster or 'none (MoCo)'}, "
+              f"r={args.pcl_r or 'all'}, epochs {start_epoch}..{args.epochs}")
+
+    for epoch in range(start_epoch, args.epochs):
+        # The sampler's order depends on the epoch only, so a resumed epoch replays exactly.
+        if env.enabled:
+            sampler.set_epoch(epoch)
+        else:
+            sampler.generator.manual_seed(args.seed + epoch)
+        start = time.perf_counter()
+        cluster_result = None
+        if epoch >= args.warmup_epochs and args.num_cluster:
+            cluster_result = run_estep(model_k, train_eval_set, args, env)
+        estep_seconds = time.perf_counter() - start
+        lr = adjust_learning_rate(optimizer, epoch, args)
+        metrics = train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader,
+                                  cluster_result, epoch, args, env)
+        metrics.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - start,
+                       estep_seconds=estep_seconds)
+        history.append(metrics)
+        rngs = [None] * env.world
+        if env.enabled:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if env.master:
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "args": vars(args), "info": info,
+                "model_q": getattr(model_q, "module", model_q).state_dict(),
+                "model_k": model_k.state_dict(), "optimizer": optimizer.state_dict(),
+                "queue": queue.state_dict(), "sampler_rng": criterion.generator.get_state(),
+                "rng": rngs, "history": history,
+                "cluster_result": None if cluster_result is None else cluster_result.to("cpu")})
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            plot_metrics(history, out / "metrics.png")
+            proto = "" if metrics["acc_proto"] is None else \
+                f" acc_proto {metrics['acc_proto']:.1f}"
+            print(f"epoch {epoch}: loss {metrics['loss']:.4f} acc_inst "
+                  f"{metrics['acc_inst']:.1f}{proto} lr {lr:.4f} "
+                  f"{metrics['epoch_seconds']:.1f}s (E-step {estep_seconds:.1f}s)", flush=True)
+
+    results = {}
+    if env.master and not args.no_eval:
+        from .evaluate import evaluate_checkpoint
+        results = evaluate_checkpoint(ckpt_path, device=env.device, progress=args.progress)
+    if env.enabled:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

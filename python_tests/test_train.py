@@ -1,0 +1,116 @@
+"""The training script end to end on tiny digits runs: EM loop, checkpoints, resume, DDP."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")
+pytest.importorskip("faiss")
+
+from pcl_ext import train  # noqa: E402
+
+TINY = ["--dataset", "digits", "--max-samples", "96", "--image-size", "8", "--batch-size", "16",
+        "--queue-size", "32", "--num-cluster", "4,8", "--nredo", "1", "--niter", "5",
+        "--workers", "0", "--no-progress", "--device", "cpu"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "pcl_ext.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_em_loop_logs_checkpoints_and_evaluates(tmp_path, capsys):
+    out = tmp_path / "run"
+    results = train.train(train.parse_args(TINY + ["--epochs", "3", "--warmup-epochs", "1",
+                                                   "--num-cluster", "24,40", "--pcl-r", "4",
+                                                   "--out", str(out)]))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1, 2]
+    assert lines[0]["acc_proto"] is None and lines[2]["acc_proto"] is not None  # warm-up first
+    assert all(x["loss"] > 0 and x["estep_seconds"] >= 0 for x in lines)
+    assert (out / "metrics.png").stat().st_size > 0
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 3 and ckpt["args"]["pcl_r"] == 4
+    assert [len(c) for c in ckpt["cluster_result"]["centroids"]] == [24, 40]
+    assert set(ckpt) >= {"model_q", "model_k", "optimizer", "queue", "rng", "sampler_rng"}
+    assert int(ckpt["queue"]["ptr"]) == (3 * (96 // 16) * 16) % 32
+    assert set(results) == {"PCL, epoch 3", "random init"}
+    assert "kNN top-1" in capsys.readouterr().out
+    assert json.loads((out / "eval.json").read_text())["results"] == results
+
+
+def test_moco_ablation_has_no_clusters(tmp_path):
+    out = tmp_path / "moco"
+    train.train(train.parse_args(TINY + ["--epochs", "1", "--num-cluster", "", "--no-eval",
+                                         "--out", str(out)]))
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["cluster_result"] is None and ckpt["args"]["num_cluster"] == []
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    args = TINY + ["--max-samples", "160", "--epochs", "4", "--warmup-epochs", "1", "--no-eval"]
+    straight = run_cli(args + ["--out", str(tmp_path / "straight")])
+    killed = run_cli(args + ["--out", str(tmp_path / "killed")])
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if ckpt.exists() and load(ckpt)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)  # mid-epoch: no chance to clean up
+    killed.wait()
+    stopped_at = load(ckpt)["epoch"]
+    assert stopped_at < 4
+    resumed = run_cli(args + ["--out", str(tmp_path / "killed"), "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"resumed {ckpt} at epoch {stopped_at}" in out
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()
+    a, b = load(tmp_path / "straight" / "checkpoint.pt"), load(ckpt)
+    assert a["epoch"] == b["epoch"] == 4
+    for name in ("model_q", "model_k", "queue"):
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    with socket.socket() as s:  # a free port on loopback (torchrun does not take port 0)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pcl_ext.train", *TINY,
+           "--epochs", "2", "--warmup-epochs", "1", "--no-eval", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and len(ckpt["rng"]) == 2
+    # Both ranks' keys went into the queue: 2 ranks x 8 rows per step.
+    assert int(ckpt["queue"]["ptr"]) == (2 * (96 // 16) * 16) % 32
+    assert len(ckpt["cluster_result"]["im2cluster"][0]) == 96
