@@ -88,7 +88,8 @@ class ProtoNCEMatchesReference : public ::testing::TestWithParam<Case> {};
 TEST_P(ProtoNCEMatchesReference, LossAndGradients) {
   const Case c = GetParam();
   const Inputs x = make_inputs(/*n=*/5, /*d=*/7, /*q_len=*/9, c.ks, c.sampled);
-  const auto [loss, dq, dk] = call_op(x);
+  const auto [loss, dq, dk, correct] = call_op(x);
+  EXPECT_EQ(correct.sizes(), (std::vector<int64_t>{1 + static_cast<int64_t>(c.ks.size()), 5}));
 
   const at::Tensor q = x.q.detach().requires_grad_(), k = x.k.detach().requires_grad_();
   const at::Tensor ref = reference_loss(x, q, k);
