@@ -11,14 +11,6 @@ barely depends on it, but the objective of nredo=1 vs nredo=5 does).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import tempfile
-import time
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,7 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pcl_ext
+from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
+                    init_device, repeat_timed, summary, write_results)
 from pcl_ext.cluster import kmeans
+from pcl_ext.reference import pcl_concentration
 
 
 def make_features(n: int, d: int, seed: int, num_centres: int = 2000) -> Tensor:
@@ -36,62 +31,23 @@ def make_features(n: int, d: int, seed: int, num_centres: int = 2000) -> Tensor:
     return F.normalize(centres[ids] + 0.06 * torch.randn(n, d, generator=gen), dim=1)
 
 
-def pcl_density(sq_dist: np.ndarray, im2cluster: np.ndarray, k: int,
-                temperature: float) -> np.ndarray:
-    """PCL's ``run_kmeans`` concentration loop (main_pcl.py), the baseline; D is [n, 1] there."""
-    Dcluster = [[] for _ in range(k)]
-    for im, i in enumerate(im2cluster):
-        Dcluster[i].append(sq_dist[im])
-    density = np.zeros(k)
-    for i, dist in enumerate(Dcluster):
-        if len(dist) > 1:
-            density[i] = (np.asarray(dist) ** 0.5).mean() / np.log(len(dist) + 10)
-    dmax = density.max()
-    for i, dist in enumerate(Dcluster):
-        if len(dist) <= 1:
-            density[i] = dmax
-    density = density.clip(np.percentile(density, 10), np.percentile(density, 90))
-    return temperature * density / density.mean()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device,
-          repeats: int) -> tuple[object, list[float]]:
-    times, out = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return out, times
-
-
-def stats(times: list[float]) -> dict:
-    return dict(times_s=times, median_s=float(np.median(times)), min_s=min(times),
-                max_s=max(times))
-
-
 def run_case(x: Tensor, k: int, nredo: int, backend: str, args: argparse.Namespace) -> dict:
     device = x.device
-    km, km_times = timed(lambda: kmeans(x, k, niter=args.niter, nredo=nredo, seed=args.seed,
-                                        backend=backend), device, args.repeats)
-    out = dict(k=k, nredo=nredo, backend=km.backend, kmeans=stats(km_times),
+    km, km_times = repeat_timed(lambda: kmeans(x, k, niter=args.niter, nredo=nredo,
+                                               seed=args.seed, backend=backend),
+                                device, args.repeats)
+    out = dict(k=k, nredo=nredo, backend=km.backend, kmeans=summary(km_times, "s"),
                objective=km.sq_dist.sum(dtype=torch.float64).item(),
                empty_clusters=int((torch.bincount(km.assignments, minlength=k) == 0).sum()))
-    phi, phi_times = timed(lambda: pcl_ext.concentration(km.sq_dist, km.assignments, k,
-                                                         temperature=0.2), device,
-                           args.phi_repeats)
-    out["phi"] = stats(phi_times)
-    if not args.no_reference:
-        sq, assign = km.sq_dist.cpu().numpy(), km.assignments.cpu().numpy()
-        ref, ref_times = timed(lambda: pcl_density(sq, assign, k, 0.2), torch.device("cpu"),
-                               max(1, args.phi_repeats // 2))
-        out["phi_pcl_loop"] = stats(ref_times)
+    phi, phi_times = repeat_timed(lambda: pcl_ext.concentration(km.sq_dist, km.assignments, k,
+                                                                temperature=0.2),
+                                  device, args.phi_repeats)
+    out["phi"] = summary(phi_times, "s")
+    if not args.no_reference:  # faiss's [n, 1] D and I, as PCL has them
+        sq, assign = km.sq_dist[:, None].cpu().numpy(), km.assignments[:, None].cpu().numpy()
+        ref, ref_times = repeat_timed(lambda: pcl_concentration(sq, assign, k, 0.2),
+                                      torch.device("cpu"), max(1, args.phi_repeats // 2))
+        out["phi_pcl_loop"] = summary(ref_times, "s")
         out["phi_speedup"] = out["phi_pcl_loop"]["median_s"] / out["phi"]["median_s"]
         out["phi_max_abs_diff"] = float(np.abs(phi.double().cpu().numpy() - ref).max())
     return out
@@ -114,34 +70,12 @@ def table_row(r: dict) -> str:
              f"{r['objective']:.1f}",
              f"{r['objective_vs_nredo1_pct']:+.2f}" if "objective_vs_nredo1_pct" in r else "-",
              r["empty_clusters"])
-    return "  ".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, COLUMNS))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as f:
-        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{models[0]} ({len(models)} logical cores)" if models else platform.processor()
-
-
-def write_json(path: Path, payload: dict) -> None:
-    # Temp file + rename: a reader never sees a half-written result.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    return format_row(cells, COLUMNS)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads, which faiss follows "
-                   "(default: as is)")
+    p = argument_parser(__doc__.split("\n\n")[0], threads_help="torch.set_num_threads, which "
+                        "faiss follows (default: as is)")
     p.add_argument("--n", type=int, default=100_000, help="samples (default 100k; 20k quick)")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--ks", default="1000,10000", help="clusters per granularity "
@@ -154,9 +88,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--phi-repeats", type=int, default=5, help="timed concentration runs")
     p.add_argument("--quick", action="store_true", help="20k samples, K = 100, 1000: a smoke run")
     p.add_argument("--no-reference", action="store_true", help="skip PCL's phi loop")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="output (default: benchmarks/results/"
-                   "cluster_speed-<device>-<threads>t[-quick].json)")
+    add_seed_and_json(p, "cluster_speed-<device>-<threads>t[-quick].json")
     return p.parse_args()
 
 
@@ -165,26 +97,17 @@ def main() -> None:
     if args.quick:
         args.n, args.ks = 20_000, "100,1000"
     ks = [int(k) for k in args.ks.split(",") if k]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device, threads = init_device(args)
     args.repeats = args.repeats or (3 if device.type == "cuda" else 1)
-    threads = torch.get_num_threads()
     x = make_features(args.n, args.d, args.seed).to(device)
     backends = ["auto", "faiss-cpu"] if device.type == "cuda" else ["faiss-cpu"]
     kmeans(x[:2000], 10, niter=2, backend=backends[0])  # warm-up: faiss, BLAS, CUDA context
 
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               torch=torch.__version__, pcl_ext=pcl_ext.__version__,
-               python=platform.python_version(), device=device.type,
-               device_name=device_name(device), threads=threads, n=args.n, d=args.d,
-               niter=args.niter, seed=args.seed, repeats=args.repeats,
-               phi_repeats=args.phi_repeats)
+    env = environment(device, n=args.n, d=args.d, niter=args.niter, seed=args.seed,
+                      repeats=args.repeats, phi_repeats=args.phi_repeats)
     print(f"# {env['device_name']}, torch {env['torch']}, {threads} threads, "
           f"{args.n} x {args.d} features, niter {args.niter}")
-    print("  ".join(f"{h:>{w}}" for h, w in COLUMNS))
+    print(format_header(COLUMNS))
     cases = [(k, 1) for k in ks] + ([(ks[0], args.pcl_nredo)] if args.pcl_nredo > 1 else [])
     results = []
     for k, nredo in cases:
@@ -201,9 +124,7 @@ def main() -> None:
             print(table_row(r), flush=True)
 
     default = (f"cluster_speed-{device.type}-{threads}t{'-quick' if args.quick else ''}.json")
-    path = args.json or Path(__file__).resolve().parent / "results" / default
-    write_json(path, dict(environment=env, results=results))
-    print(f"# wrote {path}")
+    write_results(dict(environment=env, results=results), args.json, default)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,8 @@ profiler's allocation events, replayed single-threaded (the profiler misses Open
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
-import tempfile
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +20,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import pcl_ext
+from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
+                    init_device, summary, time_round_robin, write_results)
 
 LossFn = Callable[..., Tensor]
 
@@ -86,25 +81,6 @@ def step(loss_fn: LossFn, inputs: dict) -> Tensor:
     return loss
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(loss_fn: LossFn, inputs: dict, device: torch.device, warmup: int,
-               repeats: int) -> list[float]:
-    times = []
-    for i in range(warmup + repeats):
-        inputs["q"].grad = None  # the old gradient is freed outside the timer
-        sync(device)
-        start = time.perf_counter()
-        step(loss_fn, inputs)
-        sync(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of the running sum of the CPU allocator's alloc (+) / free (-) events during fn().
 
@@ -141,13 +117,15 @@ def peak_memory(loss_fn: LossFn, inputs: dict, device: torch.device) -> int:
 
 def measure(loss_fn: LossFn, inputs: dict, device: torch.device, warmup: int,
             repeats: int) -> dict:
-    inputs["q"].grad = None
+    def zero_grad() -> None:
+        inputs["q"].grad = None  # the old gradient is freed outside the timer
+
+    zero_grad()
     loss = step(loss_fn, inputs).item()
     grad = inputs["q"].grad.float().clone()
-    times = time_steps(loss_fn, inputs, device, warmup, repeats)
-    q1, median, q3 = torch.tensor(times).quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()
-    return dict(loss=loss, grad=grad, times_ms=times, median_ms=median, min_ms=min(times),
-                max_ms=max(times), iqr_ms=[q1, q3],
+    times = time_round_robin({"step": lambda: step(loss_fn, inputs)}, device, warmup, repeats,
+                             before=zero_grad)["step"]
+    return dict(loss=loss, grad=grad, **summary(times, "ms"),
                 peak_bytes=peak_memory(loss_fn, inputs, device))
 
 
@@ -203,36 +181,13 @@ def table_row(r: dict, device: str, dtype: str, threads: int) -> str:
              num("speedup", ".2f"), f"{r['fused']['peak_bytes'] / 2**20:.1f}", ref_mb,
              num("memory_ratio", ".1f"), num("loss_abs_diff", ".1e"),
              num("grad_max_abs_diff", ".1e"))
-    return "  ".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, COLUMNS))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as f:
-        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return f"{models[0]} ({len(models)} logical cores)" if models else platform.processor()
-
-
-def write_json(path: Path, payload: dict) -> None:
-    # Temp file + rename: a reader never sees a half-written result.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from other users
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    return format_row(cells, COLUMNS)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--shape", action="append", help=f"repeatable or comma list of "
                    f"{', '.join(SHAPES)} (default: all)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: as is)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="both sides; on CPU the fused op computes half dtypes in float32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on both sides")
@@ -242,9 +197,7 @@ def parse_args() -> argparse.Namespace:
                    "on CPU, 1 for the big CPU steps)")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 3 repeats: a smoke run")
     p.add_argument("--no-reference", action="store_true", help="time the fused op only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="output (default: benchmarks/results/"
-                   "loss_speed-<device>-<dtype>[-tf32]-<threads>t[-<shapes>][-quick].json)")
+    add_seed_and_json(p, "loss_speed-<device>-<dtype>[-tf32]-<threads>t[-<shapes>][-quick].json")
     return p.parse_args()
 
 
@@ -254,28 +207,20 @@ def main() -> None:
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         raise SystemExit(f"unknown --shape {unknown}; choose from {list(SHAPES)}")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device, threads = init_device(args)
+    dtype = getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
-    threads = torch.get_num_threads()
     # The CPU memory probe walks private profiler structures: it must see a known 4 MiB exactly.
     if device.type == "cpu" and cpu_peak_bytes(lambda: torch.empty(1 << 20)) != 4 << 20:
         raise SystemExit("the profiler's memory events are not what this script expects")
 
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               torch=torch.__version__, pcl_ext=pcl_ext.__version__,
-               python=platform.python_version(), device=device.type,
-               device_name=device_name(device), threads=threads, dtype=args.dtype,
-               tf32=args.tf32, matmul_precision=torch.get_float32_matmul_precision(),
-               seed=args.seed,
-               cpu_memory_measured_with_threads=1 if device.type == "cpu" else None)
+    env = environment(device, dtype=args.dtype, tf32=args.tf32,
+                      matmul_precision=torch.get_float32_matmul_precision(), seed=args.seed,
+                      cpu_memory_measured_with_threads=1 if device.type == "cpu" else None)
     print(f"# {env['device_name']}, torch {env['torch']}, {threads} threads, {args.dtype}"
           f"{', tf32' if args.tf32 else ''}")
-    print("  ".join(f"{h:>{w}}" for h, w in COLUMNS))
+    print(format_header(COLUMNS))
     results = []
     for name in names:
         results.append(run_shape(name, SHAPES[name], args, device, dtype))
@@ -284,9 +229,7 @@ def main() -> None:
     default = (f"loss_speed-{device.type}-{args.dtype}{'-tf32' if args.tf32 else ''}-{threads}t"
                f"{'' if names == list(SHAPES) else '-' + '+'.join(names)}"
                f"{'-quick' if args.quick else ''}.json")
-    path = args.json or Path(__file__).resolve().parent / "results" / default
-    write_json(path, dict(environment=env, results=results))
-    print(f"# wrote {path}")
+    write_results(dict(environment=env, results=results), args.json, default)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,6 @@ reports the time per call.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,55 +19,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pcl_ext
-from loss_speed import device_name, write_json  # shared with the loss benchmark
+from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
+                    init_device, summary, sync, timed, write_results)
+from pcl_ext.reference import moco_dequeue_and_enqueue_
 
 
 class MoCoQueue:
-    """MoCo's queue (facebookresearch/moco builder.py), minus concat_all_gather."""
+    """MoCo's queue (facebookresearch/moco builder.py), minus concat_all_gather; with
+    ``host_ptr`` the pointer stays a Python int instead of a buffer read back each call."""
 
     def __init__(self, initial: Tensor, host_ptr: bool) -> None:
         self.queue = initial.t().contiguous()  # dim x size, as MoCo registers it
         self.queue_ptr = torch.zeros(1, dtype=torch.long, device=initial.device)
         self.host_ptr = 0 if host_ptr else None
 
-    @torch.no_grad()
     def dequeue_and_enqueue(self, keys: Tensor) -> None:
-        batch_size = keys.shape[0]
-        ptr = self.host_ptr if self.host_ptr is not None else int(self.queue_ptr)
-        assert self.queue.shape[1] % batch_size == 0  # for simplicity
-        self.queue[:, ptr:ptr + batch_size] = keys.T
-        ptr = (ptr + batch_size) % self.queue.shape[1]
         if self.host_ptr is not None:
-            self.host_ptr = ptr
+            self.host_ptr = moco_dequeue_and_enqueue_(self.queue, self.host_ptr, keys)
         else:
-            self.queue_ptr[0] = ptr
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            self.queue_ptr[0] = moco_dequeue_and_enqueue_(self.queue, int(self.queue_ptr), keys)
 
 
 def time_calls(fn: Callable[[Tensor], None], keys: list[Tensor], device: torch.device,
                warmup: int, repeats: int, calls: int) -> list[float]:
-    """Microseconds per call, one number per repeat of `calls` back-to-back calls."""
-    for i in range(warmup):
-        fn(keys[i % len(keys)])
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for i in range(calls):
+    """Seconds per call, one number per repeat of `calls` back-to-back calls."""
+    def burst(n: int) -> None:
+        for i in range(n):
             fn(keys[i % len(keys)])
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e6 / calls)
-    return times
 
-
-def stats(times: list[float]) -> dict:
-    q1, median, q3 = torch.tensor(times).quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()
-    return dict(times_us=times, median_us=median, iqr_us=[q1, q3], min_us=min(times),
-                max_us=max(times))
+    burst(warmup)
+    return [timed(lambda: burst(calls), device)[1] / calls for _ in range(repeats)]
 
 
 def run_size(size: int, args: argparse.Namespace, device: torch.device, warmup: int,
@@ -88,7 +65,7 @@ def run_size(size: int, args: argparse.Namespace, device: torch.device, warmup: 
     out = dict(size=size, batch=args.batch, dim=args.dim, warmup=warmup, repeats=repeats,
                calls=calls)
     for name, fn in fns.items():
-        out[name] = stats(time_calls(fn, keys, device, warmup, repeats, calls))
+        out[name] = summary(time_calls(fn, keys, device, warmup, repeats, calls), "us")
     # Every side ran the same number of calls on the same keys: the queues must agree.
     sync(device)
     out["max_abs_diff"] = max((ring.buffer - q.queue.t()).abs().max().item()
@@ -113,15 +90,11 @@ def table_row(r: dict, device: str, threads: int) -> str:
     cells = (r["size"], r["batch"], r["dim"], device, threads, us("ring"), us("moco"),
              us("moco-int"), f"{r['speedup_vs_moco']:.2f}x", f"{r['speedup_vs_moco_int']:.2f}x",
              "yes" if same else "NO")
-    return "  ".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, COLUMNS))
+    return format_row(cells, COLUMNS)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: as is)")
+    p = argument_parser(__doc__)
     p.add_argument("--sizes", default="16384,65536", help="comma list of queue sizes")
     p.add_argument("--batch", type=int, default=256, help="keys per enqueue (B)")
     p.add_argument("--dim", type=int, default=128)
@@ -130,9 +103,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=None,
                    help="enqueues per repeat (default: 1000 on CUDA, 200 on CPU)")
     p.add_argument("--quick", action="store_true", help="5 repeats of 20 calls: a smoke run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="output (default: benchmarks/results/"
-                   "queue_speed-<device>-<threads>t[-quick].json)")
+    add_seed_and_json(p, "queue_speed-<device>-<threads>t[-quick].json")
     return p.parse_args()
 
 
@@ -143,34 +114,23 @@ def main() -> None:
     if bad:
         raise SystemExit(f"MoCo's queue needs size % B == 0; {bad} are not multiples of "
                          f"{args.batch}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    device, threads = init_device(args)
     warmup = args.warmup if args.warmup is not None else (5 if args.quick else 50)
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 30)
     calls = args.calls if args.calls is not None else (
         20 if args.quick else 1000 if device.type == "cuda" else 200)
 
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               torch=torch.__version__, pcl_ext=pcl_ext.__version__,
-               python=platform.python_version(), device=device.type,
-               device_name=device_name(device), threads=threads, dtype="float32",
-               seed=args.seed)
+    env = environment(device, dtype="float32", seed=args.seed)
     print(f"# {env['device_name']}, torch {env['torch']}, {threads} threads, float32; "
           f"us per enqueue, median [IQR] of {repeats} x {calls} calls")
-    print("  ".join(f"{h:>{w}}" for h, w in COLUMNS))
+    print(format_header(COLUMNS))
     results = []
     for size in sizes:
         results.append(run_size(size, args, device, warmup, repeats, calls))
         print(table_row(results[-1], device.type, threads), flush=True)
 
     default = f"queue_speed-{device.type}-{threads}t{'-quick' if args.quick else ''}.json"
-    path = args.json or Path(__file__).resolve().parent / "results" / default
-    write_json(path, dict(environment=env, results=results))
-    print(f"# wrote {path}")
+    write_results(dict(environment=env, results=results), args.json, default)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """Typed wrappers of the pcl_ext custom ops, with their fake kernels and autograd."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["proto_nce", "proto_nce_with_accuracy"]
+__all__ = ["proto_nce", "proto_nce_with_accuracy", "momentum_update_", "ring_enqueue_",
+           "concentration", "sample_negatives"]
+
+# One section per op: the typed wrapper, its value checks, the fake kernel (and autograd).
 
 
+# ------------------------------------------------------------------------------- proto_nce
 def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor] = (),
               phi: Sequence[Tensor] = (), assignments: Sequence[Tensor] = (),
               negatives: Optional[Sequence[Tensor]] = None, *, temperature: float = 0.2,
@@ -139,9 +145,6 @@ torch.library.register_autograd("pcl_ext::proto_nce", _proto_nce_backward,
 
 
 # ------------------------------------------------------------------------ momentum_update_
-from collections.abc import Iterable  # noqa: E402
-
-__all__ += ["momentum_update_"]
 
 
 def momentum_update_(key: torch.nn.Module | Iterable[Tensor],
@@ -201,7 +204,6 @@ def _momentum_update_fake(key, query, momentum):
 
 
 # ---------------------------------------------------------------------------- ring_enqueue_
-__all__ += ["ring_enqueue_"]
 
 
 def ring_enqueue_(buffer: Tensor, ptr: Tensor, keys: Tensor) -> None:
@@ -235,9 +237,6 @@ def _ring_enqueue_fake(buffer, ptr, keys):
 
 
 # ---------------------------------------------------------------------------- concentration
-import math  # noqa: E402
-
-__all__ += ["concentration"]
 
 
 def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
@@ -318,7 +317,6 @@ def _cluster_stats_fake(sq_dist, im2cluster, num_clusters, alpha):
 
 
 # ------------------------------------------------------------------------- sample_negatives
-__all__ += ["sample_negatives"]
 
 
 def sample_negatives(assignments: Tensor, num_clusters: int, r: int,

@@ -14,13 +14,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA buil
 FAST = dict(nredo=1)  # PCL's nredo=5 only where the test needs the best of several runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """faiss's OpenMP threads spin-wait: on a busy 2-core CI machine one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit_features(n=2000, d=16, seed=0):

@@ -1,34 +1,14 @@
-"""pcl_ext.concentration against a float64 NumPy transcription of PCL's loop, plus opcheck,
-determinism and bad input."""
+"""pcl_ext.concentration against PCL's loop (pcl_ext.reference.pcl_concentration) in float64,
+plus opcheck, determinism and bad input."""
 import numpy as np
 import pytest
 import torch
 
 import pcl_ext
+from pcl_ext.reference import pcl_concentration
 
 HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
-
-
-def pcl_density(D, I, k, temperature=0.2, alpha=10.0, method="linear"):
-    """PCL's run_kmeans (main_pcl.py) from `D, I = index.search(x, 1)` on, loop for loop.
-
-    `method` is NumPy's percentile interpolation; PCL uses the default, "linear"."""
-    im2cluster = [int(n[0]) for n in I]
-    Dcluster = [[] for c in range(k)]
-    for im, i in enumerate(im2cluster):
-        Dcluster[i].append(D[im][0])
-    density = np.zeros(k)
-    for i, dist in enumerate(Dcluster):
-        if len(dist) > 1:
-            density[i] = (np.asarray(dist) ** 0.5).mean() / np.log(len(dist) + alpha)
-    dmax = density.max()
-    for i, dist in enumerate(Dcluster):
-        if len(dist) <= 1:
-            density[i] = dmax
-    density = density.clip(np.percentile(density, 10, method=method),
-                           np.percentile(density, 90, method=method))
-    return temperature * density / density.mean()
 
 
 def sample_inputs(n, k, seed=None, dtype=torch.float32, device="cpu"):
@@ -44,7 +24,8 @@ def sample_inputs(n, k, seed=None, dtype=torch.float32, device="cpu"):
 
 
 def expected(dist, ids, k, **kw):
-    return torch.from_numpy(pcl_density(dist.double().cpu().numpy(), ids.cpu().numpy(), k, **kw))
+    return torch.from_numpy(pcl_concentration(dist.double().cpu().numpy(), ids.cpu().numpy(), k,
+                                              **kw))
 
 
 CASES = [  # n, k, kwargs
@@ -74,10 +55,11 @@ def test_percentile_is_numpys_linear_interpolation():
     for k in (7, 13, 24):
         dist, ids = sample_inputs(50 * k, k, dtype=torch.float64)
         got = pcl_ext.concentration(dist, ids, k).numpy()
-        np.testing.assert_allclose(got, pcl_density(dist.numpy(), ids.numpy(), k), rtol=1e-13)
+        np.testing.assert_allclose(got, pcl_concentration(dist.numpy(), ids.numpy(), k),
+                                   rtol=1e-13)
         for method in ("lower", "higher", "nearest", "midpoint"):
-            assert not np.allclose(got, pcl_density(dist.numpy(), ids.numpy(), k, method=method),
-                                   rtol=1e-6, atol=0)
+            assert not np.allclose(got, pcl_concentration(dist.numpy(), ids.numpy(), k,
+                                                          method=method), rtol=1e-6, atol=0)
 
 
 def test_flat_shapes_and_half_input():
@@ -120,7 +102,8 @@ def test_degenerate_clusterings_give_the_temperature():
     k = 20
     singletons = torch.randperm(k)[:15]  # 15 single-member clusters, 5 empty ones
     with np.errstate(invalid="ignore"):
-        assert np.isnan(pcl_density(np.ones((15, 1)), singletons[:, None].numpy(), k)).all()
+        assert np.isnan(pcl_concentration(np.ones((15, 1)), singletons[:, None].numpy(),
+                                          k)).all()
     got = pcl_ext.concentration(torch.rand(15), singletons, k, temperature=0.3)
     assert torch.equal(got, torch.full((k,), 0.3))
     on_centroids = pcl_ext.concentration(torch.zeros(60), torch.arange(60) % 4, 4)

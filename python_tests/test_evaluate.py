@@ -11,13 +11,7 @@ from pcl_ext.evaluate import (cluster_quality, evaluate_encoder, extract_feature
                               format_table, knn_accuracy, linear_probe)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """faiss's OpenMP threads spin-wait: on a busy 2-core CI machine one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(num_classes=5, per_class=100, d=16, noise=0.1, seed=0):

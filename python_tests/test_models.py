@@ -9,13 +9,7 @@ RESNET18_NO_FC = 11_689_512 - (512 * 1000 + 1000)      # torchvision's count min
 MLP_HEAD = (512 * 512 + 512) + (512 * 128 + 128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: OpenMP fan-out costs more than it saves, and stalls when a core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch,feature_dim", [("resnet18", 512), ("resnet50", 2048)])

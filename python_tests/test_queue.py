@@ -1,4 +1,5 @@
-"""pcl_ext.RingQueue and its op ring_enqueue_ against a row-by-row Python queue."""
+"""pcl_ext.RingQueue and its op ring_enqueue_ against a row-by-row Python queue
+(pcl_ext.reference.enqueue_rows)."""
 import datetime
 import io
 import os
@@ -11,19 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pcl_ext
+from pcl_ext.reference import enqueue_rows
 
 HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
-
-def enqueue_rows(buffer, ptr, keys):
-    """The reference: one row at a time, as a Python list would. Returns new (buffer, ptr)."""
-    buffer = buffer.clone()
-    for row in keys:
-        buffer[ptr] = row
-        ptr = (ptr + 1) % buffer.shape[0]
-    return buffer, ptr
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", gen=None):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pcl_ext
+from pcl_ext.reference import free_clusters
 
 HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
@@ -24,7 +25,7 @@ def expected(assignments, k, r, seed, device="cpu"):
     """The contract spelt out: the r free ids first by (key, id), keys from the same seed, in
     increasing order."""
     keys = torch.rand(k, generator=generator(seed, device), device=device).tolist()
-    free = sorted(set(range(k)) - set(assignments.tolist()))
+    free = free_clusters(assignments, k)
     return sorted(sorted(free, key=lambda c: (keys[c], c))[:r])
 
 
@@ -71,7 +72,7 @@ def test_uniform_over_the_free_subsets():
     # test is deterministic, yet a biased sampler fails it.
     k, r = 12, 3
     a = torch.tensor([1, 4, 4, 7, 10, 1])
-    free = sorted(set(range(k)) - set(a.tolist()))
+    free = free_clusters(a, k)
     subsets = {s: 0 for s in itertools.combinations(free, r)}
     draws = 100 * len(subsets)
     gen = generator(1234)
@@ -113,7 +114,7 @@ def test_op_ranks_any_keys_by_key_then_id(device):
         k = int(torch.randint(1, 3000, (1,), generator=gen))
         a = torch.randint(0, k, (int(torch.randint(0, k, (1,), generator=gen)),), generator=gen)
         keys = keygens[trial % 3](k)
-        free = sorted(set(range(k)) - set(a.tolist()))
+        free = free_clusters(a, k)
         r = int(torch.randint(0, len(free) + 1, (1,), generator=gen))
         want = sorted(sorted(free, key=lambda c: (keys[c].item(), c))[:r])
         got = torch.ops.pcl_ext.sample_negatives(a.to(device), keys.to(device), r)

@@ -17,6 +17,8 @@ pytest.importorskip("faiss")
 
 from pcl_ext import train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--dataset", "digits", "--max-samples", "96", "--image-size", "8", "--batch-size", "16",
         "--queue-size", "32", "--num-cluster", "4,8", "--nredo", "1", "--niter", "5",
         "--workers", "0", "--no-progress", "--device", "cpu"]
@@ -31,14 +33,6 @@ def run_cli(args, **kwargs):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_em_loop_logs_checkpoints_and_evaluates(tmp_path, capsys):

@@ -1,0 +1,14 @@
+"""Fixtures shared by the test modules."""
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """The test on one torch thread. faiss's OpenMP threads spin-wait, and on tiny tensors the
+    OpenMP fan-out costs more than it saves: on a busy 2-core CI machine one thread is faster
+    and does not stall. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
