@@ -45,15 +45,18 @@ PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=25
                     queue_size=16384, temperature=0.2, pcl_r="16384",
                     num_cluster="25000,50000,100000", image_size=None)
 # Where PCL's values cannot apply: cluster counts and queues sized to the data set, all
-# prototypes (r would exceed the free clusters), and for the CPU demo small inputs and a short
-# schedule.
+# prototypes (r would exceed the free clusters), a faster key encoder (m = 0.99: PCL's 0.999
+# assumes ~10^5 steps), the learning rate scaled to the batch, and for the CPU demo small
+# inputs and a short schedule.
 PRESETS = {
-    "digits": dict(arch="resnet18", epochs=40, warmup_epochs=10, batch_size=128, lr=0.06,
-                   queue_size=512, pcl_r="all", num_cluster="10,20,40", image_size=16),
+    "digits": dict(arch="resnet18", epochs=30, warmup_epochs=10, batch_size=64, lr=0.01,
+                   moco_m=0.99, queue_size=512, pcl_r="all", num_cluster="10,20,40",
+                   image_size=16),
     "fashion-mnist": dict(arch="resnet18", epochs=30, warmup_epochs=5, batch_size=256,
-                          lr=0.06, queue_size=4096, pcl_r="all", num_cluster="50,100,200"),
-    "cifar10": dict(arch="resnet18", epochs=200, warmup_epochs=20, batch_size=256, lr=0.06,
-                    queue_size=4096, pcl_r="all", num_cluster="100,200,500"),
+                          lr=0.03, moco_m=0.99, queue_size=4096, pcl_r="all",
+                          num_cluster="50,100,200"),
+    "cifar10": dict(arch="resnet18", epochs=200, warmup_epochs=20, batch_size=256, lr=0.03,
+                    moco_m=0.99, queue_size=4096, pcl_r="all", num_cluster="100,200,500"),
     "imagefolder": {},
 }
 
@@ -70,6 +73,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         kind = type(PCL_DEFAULTS[name]) if PCL_DEFAULTS[name] is not None else int
         p.add_argument(flag, type=kind if kind is not str else str, default=None,
                        help=f"PCL: {PCL_DEFAULTS[name]}")
+    p.add_argument("--crop-min", type=float, default=0.2,
+                   help="smallest area fraction of the random crops (MoCo v2: 0.2)")
+    p.add_argument("--shuffle-bn-splits", type=int, default=4,
+                   help="key batch-norm sub-batches (MoCo: one per GPU)")
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
@@ -160,6 +167,16 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> 
     return lr
 
 
+@torch.no_grad()
+def encode_keys(model_k: nn.Module, im_k: Tensor, splits: int) -> Tensor:
+    """MoCo's shuffle BN within a batch: the key encoder's batch norm sees ``splits`` random
+    sub-batches, so its statistics cannot tell which key belongs to which query (without it,
+    MoCo learns that shortcut instead of features)."""
+    perm = torch.randperm(len(im_k), device=im_k.device)
+    k = torch.cat([model_k(part) for part in im_k[perm].chunk(splits)])
+    return k[torch.argsort(perm)]
+
+
 def train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader, cluster_result,
                     epoch: int, args, env: Distributed) -> dict[str, float]:
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, acc_inst, acc_proto
@@ -171,7 +188,7 @@ def train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader, clust
         q = F.normalize(model_q(im_q), dim=1)                               # N x dim
         with torch.no_grad():
             momentum_update_(model_k, getattr(model_q, "module", model_q), args.moco_m)
-            k = F.normalize(model_k(im_k), dim=1)                           # N x dim
+            k = F.normalize(encode_keys(model_k, im_k, args.shuffle_bn_splits), dim=1)  # N x dim
         loss = criterion(q, k, queue, cluster_result, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,7 +276,8 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)  # same on every rank: identical initial models and queues
 
     train_set, train_eval_set, test_set, info = build_datasets(
-        args.dataset, args.data_root, image_size=args.image_size)
+        args.dataset, args.data_root, image_size=args.image_size,
+        crop_scale=(args.crop_min, 1.0))
     if args.max_samples is not None:
         keep = list(range(min(args.max_samples, len(train_set))))
         train_set, train_eval_set = Subset(train_set, keep), Subset(train_eval_set, keep)
