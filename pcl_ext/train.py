@@ -296,7 +296,7 @@ def train(args: argparse.Namespace) -> dict:
                              generator=torch.Generator(env.device).manual_seed(args.seed))
     optimizer = torch.optim.SGD(model_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    start_epoch, history, cluster_result = 0, [], None
+    start_epoch, history = 0, []
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=False)
         model_q.load_state_dict(ckpt["model_q"])
@@ -305,8 +305,7 @@ def train(args: argparse.Namespace) -> dict:
         queue.load_state_dict(ckpt["queue"])
         criterion.generator.set_state(ckpt["sampler_rng"])
         set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start_epoch, history = ckpt["epoch"], ckpt["history"]
-        cluster_result = ckpt["cluster_result"]
+        start_epoch, history = ckpt["epoch"], ckpt["history"]  # the E-step reruns each epoch
         if env.master:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
     elif args.resume and env.master:
@@ -322,7 +321,7 @@ def train(args: argparse.Namespace) -> dict:
     if env.master:
         print(f"PCL on {args.dataset} ({len(train_set)} images), {args.arch}, "
               f"{env.world} x {env.device}, clusters {args.num_cluster or 'none (MoCo)'}, "
-              f"r={args.pcl_r or 'all'}, epochs {start_epoch}..{args.epochs}")
+              f"r={'all' if args.pcl_r is None else args.pcl_r}, epochs {start_epoch}..{args.epochs}")
 
     for epoch in range(start_epoch, args.epochs):
         # The sampler's order depends on the epoch only, so a resumed epoch replays exactly.
