@@ -72,6 +72,17 @@ def environment(device: torch.device, **fields: object) -> dict:
 
 
 # ----------------------------------------------------------------------------- timing
+def shuffle_free_clusters(pos: torch.Tensor, num_clusters: int, r: int,
+                          generator: torch.Generator) -> torch.Tensor:
+    """PCL's negatives in vectorized torch: r distinct ids drawn uniformly from the clusters
+    that no row of the batch (``pos``) is assigned to (mask, then a random permutation)."""
+    free = torch.ones(num_clusters, dtype=torch.bool, device=pos.device)
+    free[pos] = False
+    free_ids = free.nonzero()[:, 0]
+    pick = torch.randperm(free_ids.numel(), generator=generator, device=pos.device)[:r]
+    return free_ids[pick]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import pcl_ext
 from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
-                    init_device, summary, time_round_robin, write_results)
+                    init_device, shuffle_free_clusters, summary, time_round_robin, write_results)
 
 LossFn = Callable[..., Tensor]
 
@@ -50,14 +50,6 @@ SHAPES = {
 BIG_CPU_STEP = 10**8
 
 
-def sample_negatives(assign: Tensor, num_clusters: int, r: int, gen: torch.Generator) -> Tensor:
-    """PCL's negatives: r distinct ids drawn uniformly from clusters nobody in the batch is in."""
-    free = torch.ones(num_clusters, dtype=torch.bool)
-    free[assign] = False
-    ids = free.nonzero().squeeze(1)
-    return ids[torch.randperm(ids.numel(), generator=gen)[:r]]
-
-
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
     # Drawn on the CPU from one seed, so every device and dtype sees the same numbers.
     gen = torch.Generator().manual_seed(seed)
@@ -67,7 +59,7 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 
     assign = [torch.randint(k, (shape.n,), generator=gen) for k in shape.ks]
     negs = None if shape.r is None else [
-        sample_negatives(a, k, shape.r, gen).to(device) for a, k in zip(assign, shape.ks)]
+        shuffle_free_clusters(a, k, shape.r, gen).to(device) for a, k in zip(assign, shape.ks)]
     return dict(q=unit(shape.n).requires_grad_(), k=unit(shape.n), queue=unit(shape.q),
                 prototypes=[unit(k) for k in shape.ks],
                 phi=[(0.05 + 0.45 * torch.rand(k, generator=gen)).to(device) for k in shape.ks],

@@ -25,19 +25,11 @@ from torch import Tensor
 
 import pcl_ext
 from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
-                    init_device, summary, time_round_robin, write_results)
+                    init_device, shuffle_free_clusters, summary, time_round_robin, write_results)
 from pcl_ext.reference import pcl_sample_negatives
 
 N, R = 256, 16384
 KS = (25_000, 50_000, 100_000)
-
-
-def torch_sampling(pos: Tensor, k: int, r: int, generator: torch.Generator) -> Tensor:
-    free = torch.ones(k, dtype=torch.bool, device=pos.device)
-    free[pos] = False
-    free_ids = free.nonzero()[:, 0]
-    pick = torch.randperm(free_ids.numel(), generator=generator, device=pos.device)[:r]
-    return free_ids[pick]
 
 
 def run_k(k: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -46,7 +38,7 @@ def run_k(k: int, args: argparse.Namespace, device: torch.device) -> dict:
     pos = torch.randint(0, k, (N,), generator=gen, device=device)
     methods: dict[str, Callable[[], Tensor]] = {
         "pcl": lambda: pcl_sample_negatives(pos, k, R, rng),
-        "torch": lambda: torch_sampling(pos, k, R, gen),
+        "torch": lambda: shuffle_free_clusters(pos, k, R, gen),
         "pcl_ext": lambda: pcl_ext.sample_negatives(pos, k, R, generator=gen),
     }
     taken = set(pos.tolist())

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .data import build_datasets
-from .evaluate import evaluate_checkpoint
+from .evaluate import evaluate_checkpoint, extract_features
 from .models import build_encoder
 
 # PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
@@ -130,13 +130,7 @@ def compute_features(model: nn.Module, dataset, args, env: Distributed) -> Tenso
     indices = torch.arange(len(dataset))[env.rank::env.world]
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=args.batch_size * 2,
                         num_workers=args.workers)
-    model.eval()
-    feats = []
-    for images, _ in tqdm(loader, desc="features", disable=not (args.progress and env.master),
-                          leave=False):
-        feats.append(F.normalize(model(images.to(env.device)), dim=1))
-    model.train()
-    local = torch.cat(feats)
+    local, _ = extract_features(model, loader, env.device, args.progress and env.master)
     if not env.enabled:
         return local
     width = math.ceil(len(dataset) / env.world)  # shards differ by at most one row: pad

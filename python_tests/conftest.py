@@ -2,6 +2,11 @@
 import pytest
 import torch
 
+import pcl_ext
+
+HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+
 
 @pytest.fixture
 def one_thread():

@@ -9,8 +9,7 @@ from sklearn.metrics import adjusted_mutual_info_score
 import pcl_ext
 from pcl_ext.cluster import ClusterResult, _kmeans_torch, _TorchDataset, kmeans
 
-HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+from conftest import cuda_only
 FAST = dict(nredo=1)  # PCL's nredo=5 only where the test needs the best of several runs
 
 

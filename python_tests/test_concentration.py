@@ -7,8 +7,7 @@ import torch
 import pcl_ext
 from pcl_ext.reference import pcl_concentration
 
-HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+from conftest import cuda_only
 
 
 def sample_inputs(n, k, seed=None, dtype=torch.float32, device="cpu"):

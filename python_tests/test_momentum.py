@@ -7,8 +7,7 @@ import torch
 import pcl_ext
 from pcl_ext import reference
 
-HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+from conftest import cuda_only
 
 # 0-d, empty, odd sizes, a conv weight, and one tensor spanning several CPU pieces (65536).
 SHAPES = [(), (1,), (7,), (0,), (3, 5), (2, 0, 3), (64, 3, 7, 7), (70001,), (33, 17)]

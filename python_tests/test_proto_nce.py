@@ -6,8 +6,7 @@ import torch.nn.functional as F
 import pcl_ext
 from pcl_ext import reference
 
-HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+from conftest import cuda_only
 
 
 def sample_inputs(device="cpu", dtype=torch.float32, n=6, d=13, q_len=11, ks=(5, 9, 4),

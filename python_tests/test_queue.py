@@ -14,8 +14,7 @@ import torch.multiprocessing as mp
 import pcl_ext
 from pcl_ext.reference import enqueue_rows
 
-HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+from conftest import cuda_only
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
