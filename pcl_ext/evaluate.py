@@ -1,15 +1,15 @@
 """Evaluation of frozen features: weighted kNN, linear probe, and clustering quality.
 
 ``evaluate_encoder`` runs all three on an encoder; ``format_table`` prints several encoders'
-results side by side (e.g. trained vs random init). ``python -m pcl_ext.evaluate CHECKPOINT``
-evaluates a ``pcl_ext.train`` checkpoint beside a random encoder of the same architecture.
+results side by side (e.g. trained vs random init). ``python -m pcl_ext.evaluate CHECKPOINT...``
+evaluates ``pcl_ext.train`` checkpoints beside a random encoder of the same architecture.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -148,54 +148,81 @@ def _numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def evaluate_checkpoint(path: Union[str, Path], device: Union[str, torch.device, None] = None,
-                        *, batch_size: int = 512, progress: bool = True) -> dict[str, dict]:
-    """Evaluate the query encoder of a ``pcl_ext.train`` checkpoint beside a randomly
-    initialised encoder of the same architecture; print the table and write it as JSON
-    (``eval.json`` beside the checkpoint). Backbone (pre-MLP) features are evaluated."""
+def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
+                        device: Union[str, torch.device, None] = None, *,
+                        batch_size: int = 512, progress: bool = True) -> dict[str, dict]:
+    """Evaluate the query encoder of one or more ``pcl_ext.train`` checkpoints beside a randomly
+    initialised encoder of the same architecture; print one table and write each checkpoint's
+    row and its random baseline as JSON (``eval.json`` beside the checkpoint).
+
+    Backbone (pre-MLP) features are evaluated. Checkpoints with the same data set, input size,
+    architecture and seed (a PCL run and its MoCo ablation) share one random baseline; the
+    random encoder is the trained one's own initialisation (same seed).
+    """
     from torch.utils.data import DataLoader
 
     from .data import build_datasets
     from .models import build_encoder
 
-    path = Path(path)
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("evaluate_checkpoint: `paths` is empty")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    args = ckpt["args"]
-    _, train_eval, test, info = build_datasets(args["dataset"], args["data_root"],
-                                               image_size=args["image_size"])
-    loaders = [DataLoader(ds, batch_size=batch_size) for ds in (train_eval, test)]
-    spec = dict(arch=args["arch"], dim=args["low_dim"], small_images=info.small_images,
-                in_channels=info.channels)
-    torch.manual_seed(args["seed"])  # the trained encoder's own initialisation
-    encoders = {f"PCL, epoch {ckpt['epoch']}" if args["num_cluster"] else
-                f"MoCo, epoch {ckpt['epoch']}": build_encoder(**spec),
-                "random init": build_encoder(**spec)}
-    next(iter(encoders.values())).load_state_dict(ckpt["model_q"])
-    rows = {}
-    for name, encoder in encoders.items():
-        encoder.to(device).eval()
-        rows[name] = evaluate_encoder(encoder.features, *loaders, info.num_classes, device,
-                                      seed=args["seed"], progress=progress)
+    ckpts = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    groups: dict[tuple, list[int]] = {}  # one random baseline and one data pass per group
+    for i, ckpt in enumerate(ckpts):
+        a = ckpt["args"]
+        key = (a["dataset"], a["data_root"], a["image_size"], a["arch"], a["low_dim"], a["seed"])
+        groups.setdefault(key, []).append(i)
+    rows, random_row = {}, {}
+    for (dataset, root, image_size, arch, low_dim, seed), members in groups.items():
+        _, train_eval, test, info = build_datasets(dataset, root, image_size=image_size)
+        loaders = [DataLoader(ds, batch_size=batch_size) for ds in (train_eval, test)]
+        spec = dict(arch=arch, dim=low_dim, small_images=info.small_images,
+                    in_channels=info.channels)
+        suffix = f" ({dataset}, {info.image_size} px)" if len(groups) > 1 else ""
+        torch.manual_seed(seed)  # the trained encoders' own initialisation
+        encoders = {"random init" + suffix: build_encoder(**spec)}
+        for i in members:
+            args = ckpts[i]["args"]
+            name = f"{'PCL' if args['num_cluster'] else 'MoCo'}, epoch {ckpts[i]['epoch']}"
+            if len(paths) > 1:
+                name += f" ({paths[i].parent.name or paths[i].name})"
+            encoder = build_encoder(**spec)
+            encoder.load_state_dict(ckpts[i]["model_q"])
+            encoders[name] = encoder
+        results = {}
+        for name, encoder in encoders.items():
+            encoder.to(device).eval()
+            results[name] = evaluate_encoder(encoder.features, *loaders, info.num_classes,
+                                             device, seed=seed, progress=progress)
+        baseline = next(iter(results))
+        for i, name in zip(members, list(results)[1:]):
+            tmp = paths[i].with_name("eval.json.tmp")
+            tmp.write_text(json.dumps({"checkpoint": str(paths[i]), "dataset": dataset,
+                                       "results": {name: results[name],
+                                                   baseline: results[baseline]}}, indent=2))
+            os.replace(tmp, paths[i].with_name("eval.json"))
+        rows.update(list(results.items())[1:])
+        random_row[baseline] = results[baseline]
+    rows.update(random_row)  # trained encoders first, then the baselines
     print(format_table(rows), flush=True)
-    tmp = path.with_name("eval.json.tmp")
-    tmp.write_text(json.dumps({"checkpoint": str(path), "dataset": args["dataset"],
-                               "results": rows}, indent=2))
-    os.replace(tmp, path.with_name("eval.json"))
     return rows
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="kNN, linear probe and AMI/NMI of a "
-                                     "pcl_ext.train checkpoint against a random encoder")
-    parser.add_argument("checkpoint")
+    parser = argparse.ArgumentParser(description="kNN, linear probe and AMI/NMI of "
+                                     "pcl_ext.train checkpoints against a random encoder")
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="one or more checkpoint.pt files (e.g. a PCL run and its MoCo "
+                             "ablation: one table, one shared random baseline)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    evaluate_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size,
+    evaluate_checkpoint(args.checkpoints, args.device, batch_size=args.batch_size,
                         progress=args.progress)
 
 

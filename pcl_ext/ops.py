@@ -255,7 +255,10 @@ def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
     interpolation) and scaled so that its mean is ``temperature``. This is ``run_kmeans`` of
     PCL's ``main_pcl.py`` without its Python loops. Where every :math:`\phi_c` is zero after the
     clipping (no cluster has two members, or every point sits on its centroid) PCL divides zero
-    by zero and gets NaN; this returns the constant ``temperature`` instead.
+    by zero and gets NaN; this returns the constant ``temperature`` instead. Where only some
+    are zero (more than 10% of the clusters have every member on their centroid, as duplicated
+    images do), PCL's loss divides by zero; here those clusters take the smallest positive
+    :math:`\phi` before the rescaling, so every :math:`\phi_c > 0`.
 
     Args:
         sq_dist: ``[n]`` or faiss's ``[n, 1]`` squared L2 distance of each point to its own
@@ -289,6 +292,10 @@ def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
     # numpy.percentile's default method is torch.quantile's 'linear'.
     lo, hi = torch.quantile(phi, torch.linspace(0.1, 0.9, 2, dtype=phi.dtype, device=phi.device))
     phi = phi.clamp(lo, hi)
+    # Zeros left after the clipping would divide a prototype's logits by zero (PCL: inf, then
+    # NaN); they take the smallest positive value instead. No host synchronization.
+    smallest = torch.where(phi > 0, phi, torch.inf).amin()  # inf where every phi is zero
+    phi = torch.where((phi > 0) | smallest.isinf(), phi, smallest)
     mean = phi.mean()
     phi = torch.where(mean > 0, temperature * phi / mean, temperature)
     return phi.to(torch.float64 if sq_dist.dtype == torch.float64 else torch.float32)

@@ -77,8 +77,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="smallest area fraction of the random crops (MoCo v2: 0.2)")
     p.add_argument("--shuffle-bn-splits", type=int, default=1,
                    help="shuffle BN: the key encoder's batch norm sees this many random "
-                        "sub-batches (MoCo: one per GPU, 32 images each; 1 = off). On the "
-                        "digits demo, 4 sub-batches of 16 gave worse features than 1")
+                        "sub-batches per process (MoCo: one per GPU, 32 images each; 1 = off). "
+                        "On the digits demo, 4 sub-batches of 16 gave worse features than 1")
+    p.add_argument("--shuffle-bn-ranks", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun, permute the global key batch across the ranks before "
+                        "the key encoder (MoCo's shuffle BN across GPUs)")
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
@@ -164,13 +167,30 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> 
 
 
 @torch.no_grad()
-def encode_keys(model_k: nn.Module, im_k: Tensor, splits: int) -> Tensor:
-    """MoCo's shuffle BN within a batch: the key encoder's batch norm sees ``splits`` random
-    sub-batches, so its statistics cannot tell which key belongs to which query (without it,
-    MoCo learns that shortcut instead of features)."""
-    perm = torch.randperm(len(im_k), device=im_k.device)
-    k = torch.cat([model_k(part) for part in im_k[perm].chunk(splits)])
-    return k[torch.argsort(perm)]
+def encode_keys(model_k, im_k: Tensor, splits: int, env: Optional[Distributed] = None,
+                across_ranks: bool = False) -> Tensor:
+    """MoCo's shuffle BN: the key encoder's batch norm must not see the keys grouped as their
+    queries are, or its statistics tell which key belongs to which query (MoCo learns that
+    shortcut instead of features). Within a process the batch is permuted and encoded as
+    ``splits`` sub-batches. Under torchrun with ``across_ranks`` (MoCo's ``_batch_shuffle_ddp``)
+    the global batch is first permuted across the ranks, each rank encodes its share, and the
+    keys come back to the rank and row of their images. Returns ``[len(im_k), dim]``."""
+    if not (across_ranks and env is not None and env.enabled and env.world > 1):
+        perm = torch.randperm(len(im_k), device=im_k.device)
+        k = torch.cat([model_k(part) for part in im_k[perm].chunk(splits)])
+        return k[torch.argsort(perm)]
+    b = len(im_k)  # equal on every rank: the loader drops the last partial batch
+    images = [torch.empty_like(im_k) for _ in range(env.world)]
+    dist.all_gather(images, im_k.contiguous())
+    perm = torch.randperm(b * env.world, device=im_k.device)
+    dist.broadcast(perm, src=0)  # rank 0's permutation for all
+    mine = torch.cat(images)[perm[env.rank * b:(env.rank + 1) * b]]
+    k = encode_keys(model_k, mine, splits).contiguous()
+    keys = [torch.empty_like(k) for _ in range(env.world)]
+    dist.all_gather(keys, k)
+    unshuffled = torch.empty_like(torch.cat(keys))
+    unshuffled[perm] = torch.cat(keys)
+    return unshuffled[env.rank * b:(env.rank + 1) * b]
 
 
 def train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader, cluster_result,
@@ -184,7 +204,8 @@ def train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader, clust
         q = F.normalize(model_q(im_q), dim=1)                               # N x dim
         with torch.no_grad():
             momentum_update_(model_k, getattr(model_q, "module", model_q), args.moco_m)
-            k = F.normalize(encode_keys(model_k, im_k, args.shuffle_bn_splits), dim=1)  # N x dim
+            k = F.normalize(encode_keys(model_k, im_k, args.shuffle_bn_splits, env,
+                                        args.shuffle_bn_ranks), dim=1)             # N x dim
         loss = criterion(q, k, queue, cluster_result, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

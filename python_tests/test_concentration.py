@@ -111,6 +111,28 @@ def test_degenerate_clusterings_give_the_temperature():
                        torch.full((3,), 0.2))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_zero_phi_clusters_take_the_smallest_positive(device):
+    # 30 clusters of 20 points; 9 of them (30% > the 10% clipped away) are exact duplicates
+    # sitting on their centroid, so PCL's clipped phi is 0 there and its loss divides by zero.
+    k = 30
+    dist, ids = sample_inputs(600, k, dtype=torch.float64)
+    ids = (torch.arange(600) % k)[:, None]
+    dead = torch.randperm(k)[:9]
+    dist[torch.isin(ids[:, 0], dead)] = 0.0
+    pcl = torch.from_numpy(pcl_concentration(dist.numpy(), ids.numpy(), k))
+    assert (pcl[dead] == 0).all() and (pcl > 0).sum() == k - 9
+    got = pcl_ext.concentration(dist.to(device), ids.to(device), k).cpu()
+    assert torch.isfinite(got).all() and (got > 0).all()
+    torch.testing.assert_close(got.mean(), torch.tensor(0.2, dtype=torch.float64))
+    alive = pcl > 0
+    # Before the rescaling the dead clusters hold the smallest live value: the live clusters
+    # keep PCL's ratios, and the dead ones equal the smallest of them.
+    torch.testing.assert_close(got[alive] / got[alive].max(), pcl[alive] / pcl[alive].max(),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(got[dead], got[alive].min().expand(9), rtol=1e-12, atol=0)
+
+
 def test_deterministic_across_thread_counts():
     dist, ids = sample_inputs(200_000, 3000)
     before = torch.get_num_threads()

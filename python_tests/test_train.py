@@ -63,6 +63,34 @@ def test_moco_ablation_has_no_clusters(tmp_path):
     assert ckpt["cluster_result"] is None and ckpt["args"]["num_cluster"] == []
 
 
+def test_evaluate_several_checkpoints_shares_the_random_baseline(tmp_path, capsys):
+    from pcl_ext import evaluate
+
+    one_epoch = TINY + ["--epochs", "1", "--warmup-epochs", "0", "--no-eval"]
+    runs = {"pcl": [], "moco": ["--num-cluster", ""], "small": ["--image-size", "6"]}
+    for name, extra in runs.items():
+        train.train(train.parse_args(one_epoch + extra + ["--out", str(tmp_path / name)]))
+    paths = [str(tmp_path / name / "checkpoint.pt") for name in runs]
+    rows = evaluate.evaluate_checkpoint(paths, "cpu", progress=False)
+    assert list(rows) == ["PCL, epoch 1 (pcl)", "MoCo, epoch 1 (moco)", "PCL, epoch 1 (small)",
+                          "random init (digits, 8 px)", "random init (digits, 6 px)"]
+    assert rows["PCL, epoch 1 (pcl)"] != rows["MoCo, epoch 1 (moco)"]
+    for name, row in rows.items():
+        assert set(row) == {"knn_top1", "linear_top1", "ami", "nmi"}, name
+    for name, trained, baseline in [("pcl", "PCL, epoch 1 (pcl)", "random init (digits, 8 px)"),
+                                    ("moco", "MoCo, epoch 1 (moco)", "random init (digits, 8 px)"),
+                                    ("small", "PCL, epoch 1 (small)",
+                                     "random init (digits, 6 px)")]:
+        saved = json.loads((tmp_path / name / "eval.json").read_text())["results"]
+        assert saved == {trained: rows[trained], baseline: rows[baseline]}
+    # Alone, a checkpoint is evaluated beside the same random encoder (its own initialisation).
+    alone = evaluate.evaluate_checkpoint(paths[1], "cpu", progress=False)
+    assert alone == {"MoCo, epoch 1": rows["MoCo, epoch 1 (moco)"],
+                     "random init": rows["random init (digits, 8 px)"]}
+    table = capsys.readouterr().out
+    assert "random init (digits, 6 px)" in table and "MoCo, epoch 1 (moco)" in table
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = TINY + ["--max-samples", "160", "--epochs", "4", "--warmup-epochs", "1", "--no-eval"]
     straight = run_cli(args + ["--out", str(tmp_path / "straight")])
@@ -92,17 +120,57 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert not list((tmp_path / "killed").glob("*.tmp"))
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
-    out = tmp_path / "ddp"
+def torchrun(args, tmp_path):
+    """``torchrun --nproc_per_node 2 ARGS`` on a free loopback port; returns the finished run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     with socket.socket() as s:  # a free port on loopback (torchrun does not take port 0)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pcl_ext.train", *TINY,
-           "--epochs", "2", "--warmup-epochs", "1", "--no-eval", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+           "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+SHUFFLE_WORKER = """
+import sys, torch, torch.distributed as dist
+from pcl_ext.train import Distributed, encode_keys
+env = Distributed("cpu")
+torch.manual_seed(0)
+b = 16
+# Rank r's images are r * 100 + row: every key says where it came from.
+im = (env.rank * 100 + torch.arange(b, dtype=torch.float32)).reshape(b, 1, 1, 1).expand(b, 1, 2, 2)
+# The identity: the keys must come back to the rank and row of their images.
+same = encode_keys(lambda x: x.flatten(1)[:, :1], im, 2, env, across_ranks=True)
+# A "batch norm" that reports which ranks' images a forward call saw.
+seen = encode_keys(lambda x: (x.flatten(1)[:, :1] // 100).mean().expand(len(x), 1), im, 1, env,
+                   across_ranks=True)
+local = encode_keys(lambda x: (x.flatten(1)[:, :1] // 100).mean().expand(len(x), 1), im, 1, env)
+out = torch.cat([same, seen, local], 1)
+rows = [torch.empty_like(out) for _ in range(env.world)]
+dist.all_gather(rows, out)
+if env.master:
+    torch.save(torch.stack(rows), sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_shuffle_bn_across_ranks(tmp_path):
+    (tmp_path / "worker.py").write_text(SHUFFLE_WORKER)
+    torchrun(["worker.py", str(tmp_path / "keys.pt")], tmp_path)
+    keys = torch.load(tmp_path / "keys.pt")                       # rank x row x 3
+    images = 100 * torch.arange(2.0)[:, None] + torch.arange(16.0)
+    assert torch.equal(keys[..., 0], images)                      # every key back in place
+    seen = keys[..., 1]
+    assert ((seen > 0) & (seen < 1)).all()   # each rank's forward mixed both ranks' images
+    assert torch.equal(keys[..., 2], torch.arange(2.0)[:, None].expand(2, 16))  # without: not
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun(["-m", "pcl_ext.train", *TINY, "--epochs", "2", "--warmup-epochs", "1",
+              "--no-eval", "--out", str(out)], tmp_path)
     ckpt = load(out / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and len(ckpt["rng"]) == 2
     # Both ranks' keys went into the queue: 2 ranks x 8 rows per step.

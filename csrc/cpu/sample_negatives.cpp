@@ -5,50 +5,21 @@
 // backends return the same ids for the same keys. O(K) and no sort: a histogram of the keys'
 // top 12 bits finds the bucket that holds the r-th rank, nth_element within that bucket finds
 // the rank itself, and a pass in id order keeps the clusters up to it.
+#include "../sample_negatives.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
 namespace pcl_ext {
 
-// Structural checks shared with the CUDA kernel (csrc/cuda/sample_negatives.cu).
-void check_sample_negatives_args(const at::Tensor& assignments, const at::Tensor& keys,
-                                 int64_t r) {
-  TORCH_CHECK_VALUE(assignments.dim() == 1,
-                    "sample_negatives: `assignments` must be 1-D [N], got shape ",
-                    assignments.sizes());
-  TORCH_CHECK_TYPE(assignments.scalar_type() == at::kLong,
-                   "sample_negatives: `assignments` must be int64, got ",
-                   assignments.scalar_type());
-  TORCH_CHECK_VALUE(keys.dim() == 1 && keys.size(0) >= 1,
-                    "sample_negatives: `keys` must be 1-D [num_clusters] and non-empty, got shape ",
-                    keys.sizes());
-  // The CUDA kernel packs (key, id) into one int64: 32 bits each.
-  TORCH_CHECK_TYPE(keys.scalar_type() == at::kFloat,
-                   "sample_negatives: `keys` must be float32, got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(keys.size(0) <= std::numeric_limits<int32_t>::max(),
-                    "sample_negatives: at most 2^31 - 1 clusters, got ", keys.size(0));
-  TORCH_CHECK_VALUE(keys.device() == assignments.device(), "sample_negatives: `keys` must be on ",
-                    assignments.device(), " like `assignments`, got ", keys.device());
-  TORCH_CHECK_VALUE(r >= 0 && r <= keys.size(0), "sample_negatives: `r` must be in [0, ",
-                    keys.size(0), "] (the number of clusters), got ", r);
-}
-
 namespace {
-
-// Unsigned integer order = float order (-0 is first made +0, which compares equal to it; NaNs
-// land beyond the infinities instead of breaking the order).
-inline uint32_t ordered_bits(float x) {
-  const uint32_t b = std::bit_cast<uint32_t>(x + 0.0f);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
 
 at::Tensor sample_negatives_cpu(const at::Tensor& assignments, const at::Tensor& keys_in,
                                 int64_t r) {

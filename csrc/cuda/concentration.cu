@@ -5,6 +5,8 @@
 // shuffle tree), so the order of every addition depends on the data alone. Ids outside
 // [0, num_clusters) sort before or after every segment and are ignored: pcl_ext.concentration
 // rejects them (and bad distances) beforehand with one synchronization.
+#include "../concentration.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,10 +20,6 @@
 #include <tuple>
 
 namespace pcl_ext {
-
-// Defined in csrc/cpu/concentration.cpp.
-void check_cluster_stats_args(const at::Tensor& sq_dist, const at::Tensor& im2cluster,
-                              int64_t num_clusters, double alpha);
 
 namespace {
 

@@ -4,6 +4,8 @@
 // returned in increasing id order, as on the CPU. Distinct ranks make the set independent of how
 // topk breaks ties. Ids of `assignments` outside [0, num_clusters) exclude nothing
 // (pcl_ext.sample_negatives and proto_nce check them).
+#include "../sample_negatives.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -18,23 +20,13 @@
 
 namespace pcl_ext {
 
-// Defined in csrc/cpu/sample_negatives.cpp.
-void check_sample_negatives_args(const at::Tensor& assignments, const at::Tensor& keys,
-                                 int64_t r);
-
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kTaken = std::numeric_limits<int64_t>::max();
 
-// The CPU kernel's rank (csrc/cpu/sample_negatives.cpp): high 32 bits the key's bits mapped so
-// that unsigned order is float order (-0 made +0, which compares equal to it), low 32 bits the
-// id, which breaks ties. Flipping the top bit turns that unsigned order into topk's signed one.
-__device__ __forceinline__ uint32_t ordered_bits(float x) {
-  const uint32_t b = __float_as_uint(x + 0.0f);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
+// The CPU kernel's rank: high 32 bits ordered_bits(key) (csrc/sample_negatives.h), low 32 bits
+// the id, which breaks ties. Flipping the top bit turns that unsigned order into topk's signed one.
 __global__ void rank_kernel(const float* __restrict__ keys, int64_t k, int64_t* __restrict__ rank) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < k;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
