@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "cluster_quality",
-           "evaluate_encoder", "evaluate_checkpoint", "format_table"]
+           "evaluate_encoder", "initial_encoder", "evaluate_checkpoint", "format_table"]
 
 
 @torch.no_grad()
@@ -148,6 +148,17 @@ def _numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def initial_encoder(args: dict, info) -> nn.Module:
+    """The query encoder a ``pcl_ext.train`` run with these ``args`` (a checkpoint's
+    ``"args"``) started from, before any step: the first draw after seeding with its seed, as in
+    the trainer. ``info`` is the data set's ``DatasetInfo`` (channels, small-image stem)."""
+    from .models import build_encoder
+
+    torch.manual_seed(args["seed"])
+    return build_encoder(arch=args["arch"], dim=args["low_dim"], small_images=info.small_images,
+                         in_channels=info.channels)
+
+
 def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
                         device: Union[str, torch.device, None] = None, *,
                         batch_size: int = 512, progress: bool = True) -> dict[str, dict]:
@@ -162,7 +173,6 @@ def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
     from torch.utils.data import DataLoader
 
     from .data import build_datasets
-    from .models import build_encoder
 
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
@@ -178,17 +188,14 @@ def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
     for (dataset, root, image_size, arch, low_dim, seed), members in groups.items():
         _, train_eval, test, info = build_datasets(dataset, root, image_size=image_size)
         loaders = [DataLoader(ds, batch_size=batch_size) for ds in (train_eval, test)]
-        spec = dict(arch=arch, dim=low_dim, small_images=info.small_images,
-                    in_channels=info.channels)
         suffix = f" ({dataset}, {info.image_size} px)" if len(groups) > 1 else ""
-        torch.manual_seed(seed)  # the trained encoders' own initialisation
-        encoders = {"random init" + suffix: build_encoder(**spec)}
+        encoders = {"random init" + suffix: initial_encoder(ckpts[members[0]]["args"], info)}
         for i in members:
             args = ckpts[i]["args"]
             name = f"{'PCL' if args['num_cluster'] else 'MoCo'}, epoch {ckpts[i]['epoch']}"
             if len(paths) > 1:
                 name += f" ({paths[i].parent.name or paths[i].name})"
-            encoder = build_encoder(**spec)
+            encoder = initial_encoder(args, info)
             encoder.load_state_dict(ckpts[i]["model_q"])
             encoders[name] = encoder
         results = {}

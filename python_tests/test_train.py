@@ -91,6 +91,21 @@ def test_evaluate_several_checkpoints_shares_the_random_baseline(tmp_path, capsy
     assert "random init (digits, 6 px)" in table and "MoCo, epoch 1 (moco)" in table
 
 
+def test_random_baseline_is_the_runs_own_initialisation(tmp_path):
+    from pcl_ext import evaluate
+
+    # lr 0: SGD leaves every parameter where it started (batch-norm buffers still move).
+    out = tmp_path / "frozen"
+    train.train(train.parse_args(TINY + ["--epochs", "1", "--lr", "0", "--no-eval",
+                                         "--out", str(out)]))
+    ckpt = load(out / "checkpoint.pt")
+    start = dict(evaluate.initial_encoder(ckpt["args"], ckpt["info"]).named_parameters())
+    assert start and all(torch.equal(p, ckpt["model_q"][name]) for name, p in start.items())
+    other = dict(evaluate.initial_encoder(dict(ckpt["args"], seed=1), ckpt["info"])
+                 .named_parameters())
+    assert not all(torch.equal(p, ckpt["model_q"][name]) for name, p in other.items())
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = TINY + ["--max-samples", "160", "--epochs", "4", "--warmup-epochs", "1", "--no-eval"]
     straight = run_cli(args + ["--out", str(tmp_path / "straight")])
