@@ -15,6 +15,7 @@ run resumed with ``--resume`` repeats at most the epoch it was in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -82,6 +83,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--shuffle-bn-ranks", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun, permute the global key batch across the ranks before "
                         "the key encoder (MoCo's shuffle BN across GPUs)")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                   help="autocast the encoders' forward passes: bf16 (GPUs, and CPUs with "
+                        "AVX512-BF16 or AMX) or fp16 (GPUs, with a gradient scaler); the loss, "
+                        "weights and optimizer stay float32. On the digits demo bf16 trained "
+                        "1.5x faster on a 2-core CPU but gave worse features (one run each)")
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
@@ -99,6 +105,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.num_cluster = [int(k) for k in str(args.num_cluster).split(",") if k.strip()]
     args.pcl_r = None if str(args.pcl_r) == "all" else int(args.pcl_r)
     return args
+
+
+def autocast(args, device: torch.device):
+    """The ``--amp`` context for forward passes (a no-op when off)."""
+    if args.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
 
 class Distributed:
@@ -133,7 +146,8 @@ def compute_features(model: nn.Module, dataset, args, env: Distributed) -> Tenso
     indices = torch.arange(len(dataset))[env.rank::env.world]
     loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=args.batch_size * 2,
                         num_workers=args.workers)
-    local, _ = extract_features(model, loader, env.device, args.progress and env.master)
+    with autocast(args, env.device):
+        local, _ = extract_features(model, loader, env.device, args.progress and env.master)
     if not env.enabled:
         return local
     width = math.ceil(len(dataset) / env.world)  # shards differ by at most one row: pad
@@ -193,23 +207,27 @@ def encode_keys(model_k, im_k: Tensor, splits: int, env: Optional[Distributed] =
     return unshuffled[env.rank * b:(env.rank + 1) * b]
 
 
-def train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader, cluster_result,
-                    epoch: int, args, env: Distributed) -> dict[str, float]:
+def train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler, loader,
+                    cluster_result, epoch: int, args, env: Distributed) -> dict[str, float]:
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, acc_inst, acc_proto
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (args.progress and env.master),
                leave=False)
     for (im_q, im_k), index in bar:
         im_q, im_k = im_q.to(env.device, non_blocking=True), im_k.to(env.device, non_blocking=True)
-        q = F.normalize(model_q(im_q), dim=1)                               # N x dim
+        with autocast(args, env.device):
+            q = model_q(im_q)
+        q = F.normalize(q.float(), dim=1)                                   # N x dim
         with torch.no_grad():
             momentum_update_(model_k, getattr(model_q, "module", model_q), args.moco_m)
-            k = F.normalize(encode_keys(model_k, im_k, args.shuffle_bn_splits, env,
-                                        args.shuffle_bn_ranks), dim=1)             # N x dim
+            with autocast(args, env.device):
+                k = encode_keys(model_k, im_k, args.shuffle_bn_splits, env, args.shuffle_bn_ranks)
+            k = F.normalize(k.float(), dim=1)                               # N x dim
         loss = criterion(q, k, queue, cluster_result, index)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # the scaler is a pass-through unless --amp fp16
+        scaler.step(optimizer)
+        scaler.update()
         queue.enqueue_(k)
         acc_proto = criterion.acc_proto if cluster_result is not None else loss.new_zeros(())
         sums += torch.stack([loss.detach(), criterion.acc_inst, acc_proto]).double()
@@ -311,12 +329,17 @@ def train(args: argparse.Namespace) -> dict:
                              generator=torch.Generator(env.device).manual_seed(args.seed))
     optimizer = torch.optim.SGD(model_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
+    if args.amp == "fp16" and env.device.type != "cuda":
+        sys.exit(f"--amp fp16 needs a CUDA device (got {env.device}); use --amp bf16 on CPUs")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     start_epoch, history = 0, []
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=False)
         model_q.load_state_dict(ckpt["model_q"])
         model_k.load_state_dict(ckpt["model_k"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         queue.load_state_dict(ckpt["queue"])
         criterion.generator.set_state(ckpt["sampler_rng"])
         set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -350,8 +373,8 @@ def train(args: argparse.Namespace) -> dict:
             cluster_result = run_estep(model_k, train_eval_set, args, env)
         estep_seconds = time.perf_counter() - start
         lr = adjust_learning_rate(optimizer, epoch, args)
-        metrics = train_one_epoch(model_q, model_k, queue, criterion, optimizer, loader,
-                                  cluster_result, epoch, args, env)
+        metrics = train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler,
+                                  loader, cluster_result, epoch, args, env)
         metrics.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - start,
                        estep_seconds=estep_seconds)
         history.append(metrics)
@@ -365,6 +388,7 @@ def train(args: argparse.Namespace) -> dict:
                 "epoch": epoch + 1, "args": vars(args), "info": info,
                 "model_q": getattr(model_q, "module", model_q).state_dict(),
                 "model_k": model_k.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
                 "queue": queue.state_dict(), "sampler_rng": criterion.generator.get_state(),
                 "rng": rngs, "history": history,
                 "cluster_result": None if cluster_result is None else cluster_result.to("cpu")})

@@ -1,5 +1,6 @@
 """The training script end to end on tiny digits runs: EM loop, checkpoints, resume, DDP."""
 import json
+import math
 import os
 import signal
 import socket
@@ -104,6 +105,22 @@ def test_random_baseline_is_the_runs_own_initialisation(tmp_path):
     other = dict(evaluate.initial_encoder(dict(ckpt["args"], seed=1), ckpt["info"])
                  .named_parameters())
     assert not all(torch.equal(p, ckpt["model_q"][name]) for name, p in other.items())
+
+
+def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
+    args = TINY + ["--epochs", "2", "--warmup-epochs", "1", "--no-eval"]
+    runs = {}
+    for amp in ("off", "bf16"):
+        train.train(train.parse_args(args + ["--amp", amp, "--out", str(tmp_path / amp)]))
+        runs[amp] = load(tmp_path / amp / "checkpoint.pt")
+    losses = {amp: [h["loss"] for h in ckpt["history"]] for amp, ckpt in runs.items()}
+    assert all(math.isfinite(x) for x in losses["bf16"])
+    assert losses["bf16"] != losses["off"]  # autocast really ran: bf16 rounding moved the loss
+    for amp, ckpt in runs.items():  # weights stay float32
+        assert all(t.dtype == torch.float32 for t in ckpt["model_q"].values()
+                   if t.is_floating_point()), amp
+    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device"):
+        train.train(train.parse_args(args + ["--amp", "fp16", "--out", str(tmp_path / "fp16")]))
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
