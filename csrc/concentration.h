@@ -10,11 +10,11 @@
 
 namespace pcl_ext {
 
-// Structural checks shared by every backend. Value checks (ids
-// in range, distances finite and >= 0) read the data: the CPU kernel does them while summing,
-// pcl_ext.concentration does them on CUDA in one synchronization.
+// Structural checks shared by every backend. Value checks (ids in range, distances finite and
+// >= 0) read the data: the CPU kernel does them while summing, pcl_ext.concentration does them
+// on CUDA in one synchronization.
 inline void check_cluster_stats_args(const at::Tensor& sq_dist, const at::Tensor& im2cluster,
-                              int64_t num_clusters, double alpha) {
+                                     int64_t num_clusters, double alpha) {
   // faiss's index.search returns [n, 1] distances and labels: accept them as they come.
   auto is_column = [](const at::Tensor& t) {
     return t.dim() == 1 || (t.dim() == 2 && t.size(1) == 1);

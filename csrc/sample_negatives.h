@@ -14,7 +14,7 @@ namespace pcl_ext {
 
 // Structural checks shared by every backend.
 inline void check_sample_negatives_args(const at::Tensor& assignments, const at::Tensor& keys,
-                                 int64_t r) {
+                                        int64_t r) {
   TORCH_CHECK_VALUE(assignments.dim() == 1,
                     "sample_negatives: `assignments` must be 1-D [N], got shape ",
                     assignments.sizes());

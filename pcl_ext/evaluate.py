@@ -185,11 +185,14 @@ def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
         key = (a["dataset"], a["data_root"], a["image_size"], a["arch"], a["low_dim"], a["seed"])
         groups.setdefault(key, []).append(i)
     rows, random_row = {}, {}
-    for (dataset, root, image_size, arch, low_dim, seed), members in groups.items():
-        _, train_eval, test, info = build_datasets(dataset, root, image_size=image_size)
+    for members in groups.values():
+        first = ckpts[members[0]]["args"]
+        dataset, seed = first["dataset"], first["seed"]
+        _, train_eval, test, info = build_datasets(dataset, first["data_root"],
+                                                   image_size=first["image_size"])
         loaders = [DataLoader(ds, batch_size=batch_size) for ds in (train_eval, test)]
         suffix = f" ({dataset}, {info.image_size} px)" if len(groups) > 1 else ""
-        encoders = {"random init" + suffix: initial_encoder(ckpts[members[0]]["args"], info)}
+        encoders = {"random init" + suffix: initial_encoder(first, info)}
         for i in members:
             args = ckpts[i]["args"]
             name = f"{'PCL' if args['num_cluster'] else 'MoCo'}, epoch {ckpts[i]['epoch']}"

@@ -37,8 +37,7 @@ from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .data import build_datasets
-from .evaluate import evaluate_checkpoint, extract_features
-from .models import build_encoder
+from .evaluate import evaluate_checkpoint, extract_features, initial_encoder
 
 # PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
 PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=256, lr=0.03,
@@ -320,9 +319,7 @@ def train(args: argparse.Namespace) -> dict:
             args.pcl_r > min(args.num_cluster) - args.batch_size // env.world:
         sys.exit(f"--pcl-r {args.pcl_r} exceeds the free clusters of the smallest "
                  f"--num-cluster {min(args.num_cluster)}; use --pcl-r all")
-    encoder = dict(arch=args.arch, dim=args.low_dim, small_images=info.small_images,
-                   in_channels=info.channels)
-    model_q = build_encoder(**encoder).to(env.device)
+    model_q = initial_encoder(vars(args), info).to(env.device)  # what evaluate's baseline is
     model_k = copy.deepcopy(model_q).requires_grad_(False)
     queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
     criterion = ProtoNCELoss(args.temperature, args.pcl_r,
