@@ -10,16 +10,20 @@ Hyper-parameters default to PCL's (``main_pcl.py``); a data set's preset replace
 cannot apply to it (PCL's 25k-100k clusters on 1,437 digits), and the command line overrides
 both. ``--num-cluster ''`` is the pure-MoCo ablation. Every epoch ends with an atomic checkpoint
 (model, momentum encoder, optimizer, queue, RNG states, last clustering) in ``--out``; a killed
-run resumed with ``--resume`` repeats at most the epoch it was in.
+run resumed with ``--resume`` repeats at most the epoch it was in. Checkpoints hold tensors and
+plain containers only and are read with ``torch.load(weights_only=True)``: reading one cannot
+run code it carries.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -37,7 +41,7 @@ from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .data import build_datasets
-from .evaluate import evaluate_checkpoint, extract_features, initial_encoder
+from .evaluate import evaluate_checkpoint, extract_features, initial_encoder, load_checkpoint
 
 # PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
 PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=256, lr=0.03,
@@ -253,8 +257,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """Every RNG's state in plain containers and tensors, which checkpoints must hold only."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # not an ndarray: see load_checkpoint
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -262,7 +268,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # numpy takes the key as a list too
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -331,7 +337,10 @@ def train(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     start_epoch, history = 0, []
     if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=False)
+        try:
+            ckpt = load_checkpoint(ckpt_path, map_location=env.device)
+        except pickle.UnpicklingError as exc:
+            sys.exit(str(exc))
         model_q.load_state_dict(ckpt["model_q"])
         model_k.load_state_dict(ckpt["model_k"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -382,13 +391,14 @@ def train(args: argparse.Namespace) -> dict:
             rngs = [rng_state()]
         if env.master:
             save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "args": vars(args), "info": info,
+                "epoch": epoch + 1, "args": vars(args), "info": dataclasses.asdict(info),
                 "model_q": getattr(model_q, "module", model_q).state_dict(),
                 "model_k": model_k.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "queue": queue.state_dict(), "sampler_rng": criterion.generator.get_state(),
                 "rng": rngs, "history": history,
-                "cluster_result": None if cluster_result is None else cluster_result.to("cpu")})
+                "cluster_result": None if cluster_result is None else  # PCL's dict of lists
+                dict(cluster_result.to("cpu"))})
             # Rewritten whole from the checkpoint's history: a resumed run's log has no gaps
             # and no repeats.
             tmp = out / "metrics.jsonl.tmp"

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("faiss")
 
 from pcl_ext import train  # noqa: E402
+from pcl_ext.data import DatasetInfo  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +35,7 @@ def run_cli(args, **kwargs):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # no trusted pickle needed
 
 
 def test_em_loop_logs_checkpoints_and_evaluates(tmp_path, capsys):
@@ -100,10 +102,10 @@ def test_random_baseline_is_the_runs_own_initialisation(tmp_path):
     train.train(train.parse_args(TINY + ["--epochs", "1", "--lr", "0", "--no-eval",
                                          "--out", str(out)]))
     ckpt = load(out / "checkpoint.pt")
-    start = dict(evaluate.initial_encoder(ckpt["args"], ckpt["info"]).named_parameters())
+    info = DatasetInfo(**ckpt["info"])
+    start = dict(evaluate.initial_encoder(ckpt["args"], info).named_parameters())
     assert start and all(torch.equal(p, ckpt["model_q"][name]) for name, p in start.items())
-    other = dict(evaluate.initial_encoder(dict(ckpt["args"], seed=1), ckpt["info"])
-                 .named_parameters())
+    other = dict(evaluate.initial_encoder(dict(ckpt["args"], seed=1), info).named_parameters())
     assert not all(torch.equal(p, ckpt["model_q"][name]) for name, p in other.items())
 
 
@@ -150,6 +152,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
             assert torch.equal(a[name][key], b[name][key]), (name, key)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = out / "checkpoint.pt"
+    torch.save({"epoch": 1, "model_q": {}, "hook": os.system}, ckpt)
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(ckpt))}: not loaded: .*\.system"):
+        train.train(train.parse_args(TINY + ["--epochs", "1", "--resume", "--out", str(out)]))
 
 
 def torchrun(args, tmp_path):
