@@ -22,6 +22,12 @@ def _move(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
+def _first_of_cluster(assignments: Tensor) -> Tensor:
+    """[N] bool: no earlier row is assigned to the same cluster."""
+    same = assignments[:, None] == assignments[None, :]  # N x N
+    return ~same.tril(diagonal=-1).any(dim=1)
+
+
 def _cluster_lists(cluster_result: Any) -> tuple[Sequence[Tensor], Sequence[Tensor],
                                                  Sequence[Tensor]]:
     """PCL's cluster_result dict, or any object with the same three attributes."""
@@ -50,9 +56,15 @@ class ProtoNCELoss(nn.Module):
     [Q, D] (a tensor or a :class:`pcl_ext.RingQueue`); ``cluster_result`` PCL's dict (or a
     ``ClusterResult``) whose ``im2cluster`` lists are indexed by dataset id, and ``index`` the
     batch's dataset ids. Without ``cluster_result`` this is MoCo's InfoNCE (PCL's warm-up).
-    After each call ``acc_inst`` and ``acc_proto`` hold the top-1 accuracies (percent, 0-dim
-    tensors on the device, no host synchronization) that PCL's trainer logs; ``acc_proto`` is
-    the mean over clusterings and NaN without clusters.
+    After each call ``acc_inst``, ``acc_proto`` and ``acc_proto_ties`` hold top-1 accuracies
+    (percent, 0-dim tensors on the device, no host synchronization), the prototype ones the
+    mean over clusterings and NaN without clusters. ``acc_inst`` and ``acc_proto`` are exactly
+    what PCL's trainer logs (Acc@Inst, Acc@Proto): ``topk`` of the logits, which takes the
+    first of tied columns. In sampled mode a cluster that is the positive of several rows
+    fills several identical columns, and PCL counts only the row whose target is the first of
+    them; ``acc_proto_ties`` counts every row whose target logit is tied for the largest, so
+    it is higher where a batch has duplicate positives. With all prototypes they differ only
+    where distinct prototypes tie up to rounding.
 
     A training step does not synchronize the host. The clustering is checked
     (:meth:`pcl_ext.ClusterResult.validate`: ids in range, ``phi`` positive and finite) the
@@ -76,6 +88,7 @@ class ProtoNCELoss(nn.Module):
         self.generator = generator
         self.acc_inst: Optional[Tensor] = None
         self.acc_proto: Optional[Tensor] = None
+        self.acc_proto_ties: Optional[Tensor] = None
         self._checked: list[tuple[weakref.ref, int]] = []  # the last clustering validated
 
     def forward(self, q: Tensor, k: Tensor, queue: Any, cluster_result: Any = None,
@@ -100,8 +113,14 @@ class ProtoNCELoss(nn.Module):
                                                 check_values=False)
         accuracy = correct.float().mean(dim=1) * 100  # [1 + M]: instance, then each clustering
         self.acc_inst = accuracy[0]
-        self.acc_proto = accuracy[1:].mean() if len(prototypes) else accuracy.new_tensor(
-            float("nan"))
+        nan = accuracy.new_full((), float("nan"))
+        self.acc_proto_ties = accuracy[1:].mean() if len(prototypes) else nan
+        pcl_correct = correct[1:]  # M x N
+        if negatives is not None and len(prototypes):
+            # Row i's target is column i; an earlier row with the same cluster holds an
+            # identical column, which PCL's topk picks first. Negatives are never positives.
+            pcl_correct = pcl_correct & torch.stack([_first_of_cluster(a) for a in assignments])
+        self.acc_proto = pcl_correct.float().mean() * 100 if len(prototypes) else nan
         return loss
 
     def _check_once(self, im2cluster, prototypes, phi) -> None:

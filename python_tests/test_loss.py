@@ -206,3 +206,57 @@ def test_cuda_training_steps_do_not_synchronize(num_negatives):
                                    [a[index.to(cuda)] for a in result["im2cluster"]],
                                    temperature=0.2)
         torch.testing.assert_close(loss, want)
+
+
+def pcl_accuracies(q, prototypes, phi, assignments, negatives):
+    """PCL's Acc@Proto and the tie-aware figure (target logit equal to the row's largest), in
+    percent, averaged over the clusterings, from float64 logits in PCL's column layout.
+
+    PCL's ``accuracy`` takes ``output.topk(1)`` on the GPU, whose kernel keeps the first of
+    equal values in index order; ``topk`` on the CPU breaks ties in no set order (here it
+    picked column 2 of the tied columns 0, 2, 3), so the prediction is ``argmax``, documented
+    to return the first maximal index. A column's logit is gathered from one ``[N, K]``
+    product, so the columns of a cluster that appears twice are bit-identical, as in PCL."""
+    pcl, ties = [], []
+    rows = torch.arange(len(q))
+    for m, (c, p, a) in enumerate(zip(prototypes, phi, assignments)):
+        logits, target = (q @ c.t()) / p, a                      # N x K, all-prototype mode
+        if negatives is not None:                                 # N x (N + r), sampled mode
+            logits, target = logits[:, torch.cat([a, negatives[m]])], rows
+        pcl.append((logits.argmax(dim=1) == target).double().mean())
+        ties.append((logits[rows, target] == logits.max(dim=1).values).double().mean())
+    return 100 * torch.stack(pcl).mean().item(), 100 * torch.stack(ties).mean().item()
+
+
+@pytest.mark.parametrize("num_negatives", [None, 3])
+def test_acc_proto_is_pcls_figure_with_duplicate_positives(num_negatives):
+    gen = torch.Generator().manual_seed(0)
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=gen, dtype=torch.float64), dim=-1)
+    ks, n = (8, 12), 10
+    # Clusters repeat within the batch (several rows share a positive), every query lies near
+    # its own prototype, so most rows' target logits are the largest (tied with duplicates).
+    im2cluster = [torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 4]),
+                  torch.tensor([5, 5, 5, 0, 1, 1, 2, 3, 4, 4])]
+    centroids = [unit(k, 16) for k in ks]
+    density = [0.15 + 0.1 * torch.rand(k, generator=gen, dtype=torch.float64) for k in ks]
+    index = torch.randperm(n, generator=gen)
+    assign = [a[index] for a in im2cluster]
+    q = F.normalize(centroids[0][assign[0]] + centroids[1][assign[1]]
+                    + 0.3 * torch.randn(n, 16, generator=gen, dtype=torch.float64), dim=1)
+    k, queue = unit(n, 16), unit(20, 16)
+    loss_fn = pcl_ext.ProtoNCELoss(num_negatives=num_negatives,
+                                   generator=torch.Generator().manual_seed(1))
+    result = {"im2cluster": im2cluster, "centroids": centroids, "density": density}
+    loss_fn(q, k, queue, result, index)
+    negs = None
+    if num_negatives is not None:  # the loss's draws, replayed
+        replay = torch.Generator().manual_seed(1)
+        negs = [pcl_ext.sample_negatives(a, c.shape[0], num_negatives, replay)
+                for a, c in zip(assign, centroids)]
+    pcl, ties = pcl_accuracies(q, centroids, density, assign, negs)
+    assert loss_fn.acc_proto.item() == pytest.approx(pcl, abs=1e-4)
+    assert loss_fn.acc_proto_ties.item() == pytest.approx(ties, abs=1e-4)
+    if num_negatives is None:  # one column per cluster: no duplicate columns to tie
+        assert pcl == ties
+    else:  # the case exercises the difference
+        assert 0 < pcl < ties
