@@ -355,6 +355,16 @@ def sample_negatives(assignments: Tensor, num_clusters: int, r: int,
     prototypes a forward sweep; the same generator state gives the same ids, and the same keys
     give the same ids on either device.
 
+    The ids are drawn from ``range(K)``, every prototype; PCL draws from
+    ``range(im2cluster.max() + 1)``, the largest id assigned to any sample of the data set.
+    The two differ only when the highest-numbered clusters are empty (k-means can end with
+    empty clusters). Then PCL never samples those, while it samples the empty clusters
+    with smaller ids: which empty prototypes may be negatives depends on their numbering,
+    not on them. Here every prototype that is no row's positive is equally likely (an empty
+    cluster still has a prototype and, by PCL's rule, the largest ``phi``), the same set
+    that all-prototype mode scores, and no reduction over the data set's assignments is
+    needed (PCL's ``.max()`` of a GPU tensor is a host synchronization per step).
+
     Args:
         assignments: ``[N]`` int64 cluster of each row, in ``[0, num_clusters)``.
         num_clusters: ``K >= 1``.
