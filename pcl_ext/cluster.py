@@ -60,6 +60,47 @@ class ClusterResult(Mapping):
                              density_seconds=list(self.density_seconds),
                              objective=list(self.objective))
 
+    def validate(self) -> "ClusterResult":
+        """Check what the loss reads, naming the first bad entry; returns ``self``.
+
+        One entry per granularity in each list; ``im2cluster[m]`` int64 ``[n]`` with ids in
+        ``[0, K_m)``; ``centroids[m]`` floating ``[K_m, d]`` and finite; ``density[m]``
+        floating ``[K_m]``, positive and finite. Raises TypeError (a non-tensor or a wrong
+        dtype) or ValueError (a wrong shape or value). The value checks run on the tensors'
+        devices and are read in one host synchronization: call it once per clustering, not
+        per training step (:class:`pcl_ext.ProtoNCELoss` does so).
+        """
+        from .ops import _ids_in_range, _positive_finite, _raise_failed
+
+        lengths = {key: len(self[key]) for key in _KEYS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"cluster_result: `im2cluster`, `centroids` and `density` must hold "
+                             f"one tensor per granularity each, got {lengths} tensors")
+        checks = []
+        for m, (ids, c, phi) in enumerate(zip(self.im2cluster, self.centroids, self.density)):
+            for key, t in (("im2cluster", ids), ("centroids", c), ("density", phi)):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"cluster_result: `{key}[{m}]` must be a Tensor, got "
+                                    f"{type(t).__name__}")
+            if ids.dtype != torch.long or ids.dim() != 1:
+                raise TypeError(f"cluster_result: `im2cluster[{m}]` must be int64 [n], got "
+                                f"{ids.dtype} {list(ids.shape)}")
+            if not c.is_floating_point() or c.dim() != 2 or c.shape[0] == 0:
+                raise ValueError(f"cluster_result: `centroids[{m}]` must be floating [K, d] with "
+                                 f"K >= 1, got {c.dtype} {list(c.shape)}")
+            k = c.shape[0]
+            if not phi.is_floating_point() or phi.shape != (k,):
+                raise ValueError(f"cluster_result: `density[{m}]` must be floating [{k}] (one "
+                                 f"per centroid), got {phi.dtype} {list(phi.shape)}")
+            if ids.numel():
+                checks.append((_ids_in_range(ids, k),
+                               f"`im2cluster[{m}]` holds cluster ids outside [0, {k})"))
+            checks.append((torch.isfinite(c).all(), f"`centroids[{m}]` must be finite"))
+            checks.append((_positive_finite(phi),
+                           f"`density[{m}]` (phi) must be positive and finite"))
+        _raise_failed("cluster_result", checks)
+        return self
+
 
 class KMeansResult(NamedTuple):
     centroids: Tensor    # float32 [K, d], not normalized (faiss's centroids)
@@ -146,7 +187,7 @@ def cluster(features: Tensor, num_clusters: Union[int, Sequence[int]] = (25000, 
         result.im2cluster.append(km.assignments)
         result.centroids.append(F.normalize(km.centroids, dim=1))
         result.density.append(phi)
-    return result
+    return result.validate()
 
 
 def kmeans(x: Tensor, k: int, *, niter: int = 20, nredo: int = 1, seed: int = 0,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "cluster_quality",
-           "evaluate_encoder", "initial_encoder", "evaluate_checkpoint", "format_table"]
+           "evaluate_encoder", "initial_encoder", "load_checkpoint", "evaluate_checkpoint",
+           "format_table"]
 
 
 @torch.no_grad()
@@ -159,6 +163,28 @@ def initial_encoder(args: dict, info) -> nn.Module:
                          in_channels=info.channels)
 
 
+def load_checkpoint(path: Union[str, Path],
+                    map_location: Union[str, torch.device, None] = "cpu") -> dict:
+    """A ``pcl_ext.train`` checkpoint, read with ``torch.load(weights_only=True)``.
+
+    A checkpoint holds tensors and plain containers only (the RNG states, the arguments and the
+    clustering included), so reading one never runs code: a pickle may carry any callable
+    (``os.system`` with its arguments) and ``weights_only=False`` would call it. Anything else
+    is refused with ``pickle.UnpicklingError`` naming the file and, where torch says it, the
+    object it refers to (checkpoints of earlier pcl_ext versions too: they held NumPy arrays
+    and dataclasses).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))  # the global torch refused
+        what = f"`{found.group(1)}`" if found else "something other than tensors and containers"
+        raise pickle.UnpicklingError(
+            f"{path}: not loaded: the file refers to {what}, which a pcl_ext checkpoint never "
+            "holds (pcl_ext reads checkpoints with torch.load(weights_only=True), so that "
+            "reading one cannot run code it carries)") from None
+
+
 def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
                         device: Union[str, torch.device, None] = None, *,
                         batch_size: int = 512, progress: bool = True) -> dict[str, dict]:
@@ -178,7 +204,7 @@ def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
     if not paths:
         raise ValueError("evaluate_checkpoint: `paths` is empty")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpts = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    ckpts = [load_checkpoint(p) for p in paths]
     groups: dict[tuple, list[int]] = {}  # one random baseline and one data pass per group
     for i, ckpt in enumerate(ckpts):
         a = ckpt["args"]
@@ -232,8 +258,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    evaluate_checkpoint(args.checkpoints, args.device, batch_size=args.batch_size,
-                        progress=args.progress)
+    try:
+        evaluate_checkpoint(args.checkpoints, args.device, batch_size=args.batch_size,
+                            progress=args.progress)
+    except pickle.UnpicklingError as exc:  # a refused CHECKPOINT: its message, no traceback
+        sys.exit(f"pcl_ext.evaluate: {exc}")
 
 
 if __name__ == "__main__":

@@ -100,22 +100,37 @@ def _tracing() -> bool:
 
 def _check_values(prototypes, phi, assignments, negatives) -> None:
     """Device-side value checks gathered into one host synchronization."""
-    flags, names = [], []
+    checks = []
     for m, (c, p, a) in enumerate(zip(prototypes, phi, assignments)):
         if p.shape != (c.shape[0],) or not p.is_floating_point():
             continue  # a structural error: the op's own checks name it
-        flags.append(((p > 0) & torch.isfinite(p)).all())
-        names.append(f"`phi[{m}]` must be positive and finite")
+        checks.append((_positive_finite(p), f"`phi[{m}]` must be positive and finite"))
         for name, ids in (("assignments", a), ("negatives", negatives[m] if negatives else None)):
             if ids is None or ids.numel() == 0 or ids.dtype != torch.long:
                 continue
-            flags.append((ids.min() >= 0) & (ids.max() < c.shape[0]))
-            names.append(f"`{name}[{m}]` holds cluster ids outside [0, {c.shape[0]})")
-    if flags:
-        ok = torch.stack(flags).tolist()
-        bad = [n for n, good in zip(names, ok) if not good]
-        if bad:
-            raise ValueError("proto_nce: " + "; ".join(bad))
+            checks.append((_ids_in_range(ids, c.shape[0]),
+                           f"`{name}[{m}]` holds cluster ids outside [0, {c.shape[0]})"))
+    _raise_failed("proto_nce", checks)
+
+
+def _positive_finite(t: Tensor) -> Tensor:
+    return ((t > 0) & torch.isfinite(t)).all()
+
+
+def _ids_in_range(ids: Tensor, num_clusters: int) -> Tensor:
+    return (ids.min() >= 0) & (ids.max() < num_clusters)
+
+
+def _raise_failed(caller: str, checks: list[tuple[Tensor, str]]) -> None:
+    """ValueError listing the message of every check whose 0-dim bool flag is false. The
+    flags are read in one host synchronization, whatever their number."""
+    if not checks:
+        return
+    device = checks[0][0].device
+    ok = torch.stack([flag.to(device) for flag, _ in checks]).tolist()
+    bad = [message for (_, message), good in zip(checks, ok) if not good]
+    if bad:
+        raise ValueError(f"{caller}: " + "; ".join(bad))
 
 
 @torch.library.register_fake("pcl_ext::proto_nce")
@@ -339,6 +354,16 @@ def sample_negatives(assignments: Tensor, num_clusters: int, r: int,
     go to the smaller id). The ids come in increasing order, which makes gathering their
     prototypes a forward sweep; the same generator state gives the same ids, and the same keys
     give the same ids on either device.
+
+    The ids are drawn from ``range(K)``, every prototype; PCL draws from
+    ``range(im2cluster.max() + 1)``, the largest id assigned to any sample of the data set.
+    The two differ only when the highest-numbered clusters are empty (k-means can end with
+    empty clusters). Then PCL never samples those, while it samples the empty clusters
+    with smaller ids: which empty prototypes may be negatives depends on their numbering,
+    not on them. Here every prototype that is no row's positive is equally likely (an empty
+    cluster still has a prototype and, by PCL's rule, the largest ``phi``), the same set
+    that all-prototype mode scores, and no reduction over the data set's assignments is
+    needed (PCL's ``.max()`` of a GPU tensor is a host synchronization per step).
 
     Args:
         assignments: ``[N]`` int64 cluster of each row, in ``[0, num_clusters)``.

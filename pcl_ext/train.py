@@ -10,21 +10,25 @@ Hyper-parameters default to PCL's (``main_pcl.py``); a data set's preset replace
 cannot apply to it (PCL's 25k-100k clusters on 1,437 digits), and the command line overrides
 both. ``--num-cluster ''`` is the pure-MoCo ablation. Every epoch ends with an atomic checkpoint
 (model, momentum encoder, optimizer, queue, RNG states, last clustering) in ``--out``; a killed
-run resumed with ``--resume`` repeats at most the epoch it was in.
+run resumed with ``--resume`` repeats at most the epoch it was in. Checkpoints hold tensors and
+plain containers only and are read with ``torch.load(weights_only=True)``: reading one cannot
+run code it carries.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -37,7 +41,8 @@ from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .data import build_datasets
-from .evaluate import evaluate_checkpoint, extract_features, initial_encoder
+from .evaluate import evaluate_checkpoint, extract_features, initial_encoder, load_checkpoint
+from .models import ARCHS
 
 # PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
 PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=256, lr=0.03,
@@ -61,6 +66,57 @@ PRESETS = {
 }
 
 
+def bounded(kind: type, low: float, high: float = math.inf, *,
+            low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` (int or float) in ``[low, high]`` (``(low,
+    high]`` with ``low_open``). argparse turns its error into a usage error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low)
+                and value <= high):
+            bound = f"{'>' if low_open else '>='} {low}"
+            raise argparse.ArgumentTypeError(
+                f"must be {bound}" + (f" and <= {high}" if high < math.inf else "")
+                + f", got {text}")
+        return value
+    return parse
+
+
+def cluster_counts(text: str) -> list[int]:
+    """``--num-cluster``: comma-separated counts, each >= 1; empty for none (pure MoCo)."""
+    return [bounded(int, 1)(k) for k in text.split(",") if k.strip()]
+
+
+def negatives_count(text: str) -> Optional[int]:
+    """``--pcl-r``: ``all`` (None: every prototype) or a count >= 0."""
+    if text == "all":
+        return None
+    try:
+        return bounded(int, 0)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 'all')") from None
+
+
+# The command-line type of each PCL_DEFAULTS flag; the presets' strings go through it too.
+FLAG_TYPES = dict(arch=str, epochs=bounded(int, 1), warmup_epochs=bounded(int, 0),
+                  batch_size=bounded(int, 1), lr=bounded(float, 0),
+                  momentum=bounded(float, 0, 1), weight_decay=bounded(float, 0),
+                  low_dim=bounded(int, 1), moco_m=bounded(float, 0, 1),
+                  queue_size=bounded(int, 1), temperature=bounded(float, 0, low_open=True),
+                  pcl_r=negatives_count, num_cluster=cluster_counts, image_size=bounded(int, 1))
+
+
+def flag_error(message: str) -> NoReturn:
+    """A flag refuted by what only the run knows (the data, the processes): argparse's usage
+    error, exit status 2, before any work."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)  # argparse's prog
+    sys.exit(2)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,14 +124,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="folder of the data set's files")
     p.add_argument("--out", default="runs/pcl", help="checkpoints, metrics and plots")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    for name in PCL_DEFAULTS:  # None: the data set's preset, else PCL's value
+    for name in PCL_DEFAULTS:  # absent unless given: the data set's preset, else PCL's value
         flag = "--" + name.replace("_", "-")
-        kind = type(PCL_DEFAULTS[name]) if PCL_DEFAULTS[name] is not None else int
-        p.add_argument(flag, type=kind if kind is not str else str, default=None,
+        p.add_argument(flag, type=FLAG_TYPES[name], default=argparse.SUPPRESS,
+                       choices=list(ARCHS) if name == "arch" else None,
                        help=f"PCL: {PCL_DEFAULTS[name]}")
-    p.add_argument("--crop-min", type=float, default=0.2,
+    p.add_argument("--crop-min", type=bounded(float, 0, 1, low_open=True), default=0.2,
                    help="smallest area fraction of the random crops (MoCo v2: 0.2)")
-    p.add_argument("--shuffle-bn-splits", type=int, default=1,
+    p.add_argument("--shuffle-bn-splits", type=bounded(int, 1), default=1,
                    help="shuffle BN: the key encoder's batch norm sees this many random "
                         "sub-batches per process (MoCo: one per GPU, 32 images each; 1 = off). "
                         "On the digits demo, 4 sub-batches of 16 gave worse features than 1")
@@ -87,22 +143,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "AVX512-BF16 or AMX) or fp16 (GPUs, with a gradient scaler); the loss, "
                         "weights and optimizer stay float32. On the digits demo bf16 trained "
                         "1.5x faster on a 2-core CPU but gave worse features (one run each)")
-    p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
-    p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--max-samples", type=int, default=None,
+    p.add_argument("--nredo", type=bounded(int, 1), default=5, help="k-means restarts (PCL: 5)")
+    p.add_argument("--niter", type=bounded(int, 1), default=20,
+                   help="k-means iterations (PCL: 20)")
+    p.add_argument("--workers", type=bounded(int, 0), default=0, help="data loader processes")
+    p.add_argument("--max-samples", type=bounded(int, 1), default=None,
                    help="train on the first N samples only (smoke runs)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)  # numpy's range
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     preset = PRESETS[args.dataset]
     for name, pcl_value in PCL_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, pcl_value))
-    args.num_cluster = [int(k) for k in str(args.num_cluster).split(",") if k.strip()]
-    args.pcl_r = None if str(args.pcl_r) == "all" else int(args.pcl_r)
+        if not hasattr(args, name):
+            value = preset.get(name, pcl_value)
+            setattr(args, name, FLAG_TYPES[name](value) if isinstance(value, str) else value)
     return args
 
 
@@ -253,8 +309,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """Every RNG's state in plain containers and tensors, which checkpoints must hold only."""
+    numpy_state = np.random.get_state(legacy=False)
+    # a list, not an ndarray: torch.load(weights_only=True) refuses NumPy objects
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -262,7 +321,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # numpy takes the key as a list too
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -315,10 +374,20 @@ def train(args: argparse.Namespace) -> dict:
     if args.max_samples is not None:
         keep = list(range(min(args.max_samples, len(train_set))))
         train_set, train_eval_set = Subset(train_set, keep), Subset(train_eval_set, keep)
+    n, per_rank = len(train_set), args.batch_size // env.world
+    if per_rank == 0:
+        flag_error(f"--batch-size {args.batch_size} is smaller than the {env.world} processes")
+    if n // env.world < per_rank:  # the loader drops the last partial batch: no step would run
+        flag_error(f"--batch-size {args.batch_size} exceeds the {n} training images"
+                   + (f" shared by {env.world} processes" if env.world > 1 else "")
+                   + ": no training step would run")
+    if args.num_cluster and max(args.num_cluster) > n:
+        flag_error(f"--num-cluster {max(args.num_cluster)} exceeds the {n} training images "
+                   "(k-means needs at least one per cluster)")
     if args.pcl_r is not None and args.num_cluster and \
-            args.pcl_r > min(args.num_cluster) - args.batch_size // env.world:
-        sys.exit(f"--pcl-r {args.pcl_r} exceeds the free clusters of the smallest "
-                 f"--num-cluster {min(args.num_cluster)}; use --pcl-r all")
+            args.pcl_r > min(args.num_cluster) - per_rank:
+        flag_error(f"--pcl-r {args.pcl_r} exceeds the free clusters of the smallest "
+                   f"--num-cluster {min(args.num_cluster)}; use --pcl-r all")
     model_q = initial_encoder(vars(args), info).to(env.device)  # what evaluate's baseline is
     model_k = copy.deepcopy(model_q).requires_grad_(False)
     queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
@@ -331,7 +400,10 @@ def train(args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     start_epoch, history = 0, []
     if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=False)
+        try:
+            ckpt = load_checkpoint(ckpt_path, map_location=env.device)
+        except pickle.UnpicklingError as exc:
+            sys.exit(str(exc))
         model_q.load_state_dict(ckpt["model_q"])
         model_k.load_state_dict(ckpt["model_k"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -382,13 +454,14 @@ def train(args: argparse.Namespace) -> dict:
             rngs = [rng_state()]
         if env.master:
             save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "args": vars(args), "info": info,
+                "epoch": epoch + 1, "args": vars(args), "info": dataclasses.asdict(info),
                 "model_q": getattr(model_q, "module", model_q).state_dict(),
                 "model_k": model_k.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "queue": queue.state_dict(), "sampler_rng": criterion.generator.get_state(),
                 "rng": rngs, "history": history,
-                "cluster_result": None if cluster_result is None else cluster_result.to("cpu")})
+                "cluster_result": None if cluster_result is None else  # PCL's dict of lists
+                dict(cluster_result.to("cpu"))})
             # Rewritten whole from the checkpoint's history: a resumed run's log has no gaps
             # and no repeats.
             tmp = out / "metrics.jsonl.tmp"

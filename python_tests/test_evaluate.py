@@ -1,5 +1,11 @@
 """pcl_ext.evaluate: weighted kNN, linear probe, clustering quality, feature extraction."""
 import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pcl_ext.evaluate import (cluster_quality, evaluate_encoder, extract_features,
-                              format_table, knn_accuracy, linear_probe)
+                              format_table, knn_accuracy, linear_probe, load_checkpoint)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,3 +132,45 @@ def test_format_table():
         assert number in lines[2]
     assert lines[1].startswith("trained") and lines[2].startswith("random init")
     assert " - " in lines[2] + " " and "epochs" in lines[0]
+
+
+class RunsCode:
+    """What a malicious checkpoint carries: unpickling it calls ``os.system``."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("payload", ["reduce", "callable"])
+def test_a_checkpoint_carrying_code_is_refused(tmp_path, payload):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    state = {"epoch": 1, "model_q": {"w": torch.zeros(2)}}
+    state["extra"] = RunsCode(f"touch {marker}") if payload == "reduce" else os.system
+    torch.save(state, evil)
+    with pytest.raises(pickle.UnpicklingError, match=rf"{re.escape(str(evil))}: not loaded: .*`\w+\.system`"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    if payload == "callable":
+        return
+    repo = Path(__file__).resolve().parents[1]  # the command line: a message, no traceback
+    cli = subprocess.run([sys.executable, "-m", "pcl_ext.evaluate", str(evil), "--device", "cpu"],
+                         cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)),
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1
+    assert f"pcl_ext.evaluate: {evil}: not loaded" in cli.stderr and "Traceback" not in cli.stderr
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the payload is live: the unsafe loader runs it
+    assert marker.exists()
+
+
+def test_load_checkpoint_reads_tensors_and_plain_containers(tmp_path):
+    state = {"epoch": 3, "args": {"num_cluster": [4, 8], "pcl_r": None, "lr": 0.03},
+             "rng": [{"python": (3, tuple(range(625)), None)}], "w": torch.arange(4.0)}
+    torch.save(state, tmp_path / "ok.pt")
+    loaded = load_checkpoint(tmp_path / "ok.pt")
+    assert loaded["args"] == state["args"] and loaded["rng"] == state["rng"]
+    assert torch.equal(loaded["w"], state["w"])

@@ -59,6 +59,15 @@ def test_r_equal_to_the_free_count():
     assert neg.tolist() == [1, 2, 4, 5, 6, 7, 8]
 
 
+def test_draws_from_all_clusters_not_only_up_to_the_largest_assigned_id():
+    # Clusters 6..9 are empty: PCL draws from range(max + 1) = range(6) and never takes them;
+    # here every prototype that is no row's positive can be a negative.
+    a = torch.tensor([0, 2, 2, 5])
+    assert free_clusters(a, int(a.max()) + 1) == [1, 3, 4]
+    neg = pcl_ext.sample_negatives(a, 10, 7, generator=generator(0))
+    assert neg.tolist() == [1, 3, 4, 6, 7, 8, 9]
+
+
 def chi2_upper(df, z=3.0902):
     """Wilson-Hilferty approximation of the chi-square quantile; z = 3.09: p = 0.999."""
     h = 2.0 / (9.0 * df)

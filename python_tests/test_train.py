@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("faiss")
 
 from pcl_ext import train  # noqa: E402
+from pcl_ext.data import DatasetInfo  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +35,7 @@ def run_cli(args, **kwargs):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # no trusted pickle needed
 
 
 def test_em_loop_logs_checkpoints_and_evaluates(tmp_path, capsys):
@@ -100,10 +102,10 @@ def test_random_baseline_is_the_runs_own_initialisation(tmp_path):
     train.train(train.parse_args(TINY + ["--epochs", "1", "--lr", "0", "--no-eval",
                                          "--out", str(out)]))
     ckpt = load(out / "checkpoint.pt")
-    start = dict(evaluate.initial_encoder(ckpt["args"], ckpt["info"]).named_parameters())
+    info = DatasetInfo(**ckpt["info"])
+    start = dict(evaluate.initial_encoder(ckpt["args"], info).named_parameters())
     assert start and all(torch.equal(p, ckpt["model_q"][name]) for name, p in start.items())
-    other = dict(evaluate.initial_encoder(dict(ckpt["args"], seed=1), ckpt["info"])
-                 .named_parameters())
+    other = dict(evaluate.initial_encoder(dict(ckpt["args"], seed=1), info).named_parameters())
     assert not all(torch.equal(p, ckpt["model_q"][name]) for name, p in other.items())
 
 
@@ -150,6 +152,56 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
             assert torch.equal(a[name][key], b[name][key]), (name, key)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-cluster", "abc"], "argument --num-cluster: expected an integer, got 'abc'"),
+    (["--num-cluster", "10,0"], "argument --num-cluster: must be >= 1, got 0"),
+    (["--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+    (["--temperature", "nan"], "argument --temperature: must be > 0, got nan"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--moco-m", "1.5"], "argument --moco-m: must be >= 0 and <= 1, got 1.5"),
+    (["--pcl-r", "-3"], "argument --pcl-r: must be >= 0, got -3 (or 'all')"),
+    (["--arch", "vgg"], "argument --arch: invalid choice: 'vgg'"),
+    (["--seed", "-1"], "argument --seed: must be >= 0"),
+])
+def test_bad_flags_are_usage_errors(capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(TINY + flags)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_presets_go_through_the_flag_types():
+    args = train.parse_args(["--dataset", "imagefolder"])  # PCL's own values
+    assert args.num_cluster == [25000, 50000, 100000] and args.pcl_r == 16384
+    args = train.parse_args(["--dataset", "imagefolder", "--pcl-r", "all", "--num-cluster", ""])
+    assert args.pcl_r is None and args.num_cluster == []  # given: not replaced by the preset
+    assert train.parse_args(["--dataset", "digits"]).pcl_r is None  # the preset's "all"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-samples", "64", "--batch-size", "1000"],
+     "--batch-size 1000 exceeds the 64 training images: no training step would run"),
+    (["--num-cluster", "4,200"], "--num-cluster 200 exceeds the 96 training images"),
+    (["--pcl-r", "10"], "--pcl-r 10 exceeds the free clusters of the smallest --num-cluster 4"),
+])
+def test_a_run_that_cannot_train_stops_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.train(train.parse_args(TINY + flags + ["--out", str(out)]))
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(out.iterdir())  # no checkpoint, no metrics
+
+
+def test_resume_refuses_a_checkpoint_carrying_code(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = out / "checkpoint.pt"
+    torch.save({"epoch": 1, "model_q": {}, "hook": os.system}, ckpt)
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(ckpt))}: not loaded: .*\.system"):
+        train.train(train.parse_args(TINY + ["--epochs", "1", "--resume", "--out", str(out)]))
 
 
 def torchrun(args, tmp_path):
