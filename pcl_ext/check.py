@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -180,7 +181,7 @@ class Verdict:
         parts = list(self.problems)
         if self.worst is not None and not self.problems:
             _, name, e, t = self.worst
-            parts.append(f"{name}: err {e:.2e}, tol {t:.2e}")
+            parts.append(f"{name}: err {e:.2e}, tol {t:.2e}" if t else f"{name}: bit-identical")
         return status, "; ".join(parts + self.notes)
 
 
@@ -488,6 +489,8 @@ def proto_nce_cases(device: torch.device, quick: bool) -> list[Case]:
                     check_proto_nce(make_proto_inputs(shape, sampled, g, **mk), device,
                                     mode, **ck))
     if device.type == "cuda":
+        cases.append(Case(dev, "proto_nce", "float64", None, "the CUDA kernel takes float32, "
+                          "float16 and bfloat16"))
         limit = Shape(8, 16, 16, (4,) * (CUDA_MAX_CLUSTERINGS + 1), 2)
         add(f"all M={CUDA_MAX_CLUSTERINGS + 1} (over the limit) float32",
             lambda g: check_proto_nce_limit(make_proto_inputs(limit, False, g), device,
@@ -500,7 +503,7 @@ def proto_nce_cases(device: torch.device, quick: bool) -> list[Case]:
             cases.append(Case(dev, "proto_nce", "sampled M=3 small float32 on cuda:1", None,
                               "one GPU visible"))
     for mode in modes:
-        add(f"deterministic sampled M=3 medium {mode.name}",
+        add(f"same bits twice: sampled M=3 medium {mode.name}",
             lambda g, mode=mode: check_proto_nce_deterministic(
                 make_proto_inputs(MEDIUM, True, g), device, mode))
     if not quick:
@@ -619,14 +622,14 @@ def ring_cases(device: torch.device, quick: bool) -> list[Case]:
         cases.append(Case(dev, "ring_enqueue_", name, run))
 
     for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-        add(f"size 7, ptr 5, B 4, 7, 17, 0, 3 (wrap-around) {str(dt)[6:]}",
+        add(f"wrap: size 7 ptr 5, B=4,7,17,0,3 {str(dt)[6:]}",
             lambda g, dt=dt: check_ring(device, dt, 7, 5, 5, (4, 7, 17, 0, 3), gen=g))
-    add("size 7, ptr 2, transposed keys float32",
+    add("size 7 ptr 2, transposed keys float32",
         lambda g: check_ring(device, torch.float32, 7, 5, 2, (6, 9), strided_keys=True, gen=g))
-    add("RingQueue.enqueue_ size 10, ptr 8, B 3, 12, 5 float32",
+    add("RingQueue.enqueue_ size 10 ptr 8 float32",
         lambda g: check_ring(device, torch.float32, 10, 4, 8, (3, 12, 5), module=True, gen=g))
     if not quick:
-        add("size 16384 x 128, ptr 16300, B 256 x 3 float32",
+        add("size 16384x128 ptr 16300, B=256 x3 float32",
             lambda g: check_ring(device, torch.float32, 16384, 128, 16300, (256, 256, 256),
                                gen=g))
     return cases
@@ -642,8 +645,8 @@ def check_concentration(device: torch.device, dtype: torch.dtype, n: int, k: int
     want = torch.from_numpy(reference.pcl_concentration(
         dist.double().numpy()[:, None], ids.numpy()[:, None], k, TEMPERATURE))
     shape = (n, 1) if column else (n,)
-    got = pcl_ext.concentration(dist.reshape(shape).to(device), ids.reshape(shape).to(device), k,
-                                temperature=TEMPERATURE)
+    args = (dist.reshape(shape).to(device), ids.reshape(shape).to(device), k)
+    got = pcl_ext.concentration(*args, temperature=TEMPERATURE)
     out = torch.float64 if dtype == torch.float64 else torch.float32
     u64 = unit_roundoff(torch.float64)
     tol = (rounding(out, want)
@@ -652,6 +655,7 @@ def check_concentration(device: torch.device, dtype: torch.dtype, n: int, k: int
     if got.dtype != out:
         v.fail(f"dtype {got.dtype}, documented {out}")
     v.close("phi", got, want, tol)
+    v.equal("second run", pcl_ext.concentration(*args, temperature=TEMPERATURE), got)
     return v
 
 
@@ -664,7 +668,7 @@ def concentration_cases(device: torch.device, quick: bool) -> list[Case]:
     for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
         add(f"n=2000 K=100 {str(dt)[6:]}",
             lambda g, dt=dt: check_concentration(device, dt, 2000, 100, gen=g))
-    add("n=30 K=50 (empty and 1-point clusters) float32",
+    add("n=30 K=50 (empty, 1-point clusters) float32",
         lambda g: check_concentration(device, torch.float32, 30, 50, gen=g))
     add("n=500 K=40 faiss-shaped [n, 1] float32",
         lambda g: check_concentration(device, torch.float32, 500, 40, column=True, gen=g))
@@ -703,6 +707,7 @@ def check_sample_negatives(device: torch.device, n: int, k: int, r: Optional[int
     if r == len(free) and got != free:
         v.fail("r = every free cluster, but the ids are not all of them")
     v.equal("second draw, same seed", draws[1], ids)
+    v.notes.append(f"{r} ids distinct, free, in range, increasing")
     return v
 
 
@@ -817,7 +822,7 @@ def bench_lines(device: torch.device, gen: torch.Generator) -> Iterator[str]:
 
     pos = x.assign[0].to(device)
     g_dev = torch.Generator(device).manual_seed(0)
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     yield _ratio("sample_negatives", "N=256 K=25000 r=16384",
                  median_seconds(lambda: pcl_ext.sample_negatives(pos, 25000, 16384, g_dev),
                                 device),
