@@ -855,10 +855,15 @@ def find_cuobjdump() -> Optional[str]:
     return None
 
 
+def built(name: str, default: object = None) -> object:
+    """A field of the build record setup.py writes (pcl_ext/_build_info.py), or ``default``."""
+    return getattr(getattr(pcl_ext, "_build_info", None), name, default)
+
+
 def compiled_archs(library: Optional[str]) -> tuple[str, Optional[tuple[list[int], list[int]]]]:
     """The GPU code in pcl_ext's library, read with cuobjdump: a description, and the sm
     numbers of its cubins and PTX (None when unknown)."""
-    if not getattr(pcl_ext._build_info, "WITH_CUDA", True):
+    if not built("WITH_CUDA", True):
         return "none (built without the CUDA kernels)", ([], [])
     tool = find_cuobjdump()
     if library is None or tool is None:
@@ -900,11 +905,10 @@ def library_path() -> Optional[str]:
 
 
 def build_lines() -> list[str]:
-    info = pcl_ext._build_info
     archs_text, archs = compiled_archs(library_path())
     lines = [f"pcl_ext {pcl_ext.__version__} ({Path(pcl_ext.__file__).parent})",
-             f"built against torch {getattr(info, 'TORCH_VERSION', 'unknown')}, CUDA kernels: "
-             f"{'yes' if getattr(info, 'WITH_CUDA', False) else 'no'}",
+             f"built against torch {built('TORCH_VERSION', 'unknown')}, CUDA kernels: "
+             f"{'yes' if built('WITH_CUDA') else 'no'}",
              f"running torch {torch.__version__}, CUDA toolkit {torch.version.cuda or 'none'}, "
              f"torch's archs: {' '.join(torch.cuda.get_arch_list()) or 'none'}",
              f"pcl_ext's GPU code: {archs_text}",
@@ -932,7 +936,7 @@ def _cpu_name() -> str:
 
 def cuda_unavailable() -> Optional[str]:
     """Why the CUDA cases cannot run here, or None."""
-    if not getattr(pcl_ext._build_info, "WITH_CUDA", True):
+    if not built("WITH_CUDA", True):
         return "pcl_ext was built without its CUDA kernels"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
