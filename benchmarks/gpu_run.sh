@@ -16,6 +16,7 @@
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl faiss-cpu==1.15.1
 # Environment: PYTHON (default python3), BUDGET_S (default 540), MAX_JOBS (default: all cores),
 # LIMIT_SCALE (default 1: multiplies every step's time limit, for a slower rehearsal machine).
+# Exit status 1 when a step failed or ran out of time, else 0.
 set -uo pipefail
 
 rehearsal=0
@@ -319,5 +320,9 @@ fi
     IFS='|' read -r name status secs key <<< "$row"
     printf '%-22s %-7s %7s  %s\n' "$name" "$status" "$secs" "$key"
   done
+  grep '^BENCH' "$out/check.log" 2>/dev/null
   echo "total ${SECONDS}s; logs in $out: $(cd "$out" && ls | tr '\n' ' ')"
 } | tee -a "$out/summary.txt"
+for row in "${rows[@]}"; do
+  case $row in *"|FAIL|"* | *"|TIMEOUT|"*) exit 1 ;; esac
+done
