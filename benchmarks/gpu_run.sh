@@ -178,11 +178,12 @@ installed=0
 if [ -n "$wheel" ]; then
   step install 120 "$out/build.log" "$py" -m pip install -q --no-index --no-deps --no-compile \
     --target "$site" "$wheel"
-  if [ "$rc" = 0 ] && (cd "$work" && PYTHONPATH=$site "$py" -c "import pcl_ext") \
+  if [ "$rc" = 0 ] && (cd "$work" && PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} "$py" -c \
+      "import pcl_ext") \
       >> "$out/build.log" 2>&1; then
     installed=1
     record install PASS "$secs" "$(basename "$wheel")"
-    export PYTHONPATH=$site
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   else
     record install FAIL "$secs" "the wheel did not install or load (build.log): building instead"
   fi
@@ -193,7 +194,7 @@ if [ $installed = 0 ]; then
       --inplace; then
     if [ "$rc" = 0 ]; then
       installed=1
-      export PYTHONPATH=$repo:$site
+      export PYTHONPATH=$repo:$site${PYTHONPATH:+:$PYTHONPATH}
       record build PASS "$secs" \
         "built in ${secs}s, MAX_JOBS=$jobs, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default}"
     else
