@@ -7,14 +7,17 @@ folder on ``sys.path``: they ``import common``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
@@ -133,6 +136,37 @@ def summary(seconds: Sequence[float], unit: str) -> dict:
         torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     return {f"median_{unit}": median, f"min_{unit}": min(times), f"max_{unit}": max(times),
             f"iqr_{unit}": [q1, q3], f"times_{unit}": times}
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Runs the block with the torch profiler's own chatter taken out of stderr.
+
+    Kineto, the profiler's C++ half, writes to the process's stderr directly: "USDT ...
+    profiler_start/stop" markers and "STAGE" lines at every profile, and on a CUDA build of
+    torch without a usable GPU an "ERROR ... gpuGetDeviceCount failed" as it reads the device
+    properties. The block's stderr goes to a temporary file; everything else in it (Python
+    warnings, any other error) is written back afterwards. The GPU line is dropped only where
+    torch sees no GPU, so a real CUDA failure still shows."""
+    noise = [r"^(USDT|STAGE):"]
+    if not torch.cuda.is_available():
+        noise.append(r"^ERROR:.*\] gpuGetDeviceCount failed")
+    pattern = re.compile("|".join(noise))
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            kept = [line for line in log.read().decode(errors="replace").splitlines()
+                    if not pattern.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- output

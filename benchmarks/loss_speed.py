@@ -1,5 +1,12 @@
 """Forward+backward speed and peak memory of the fused ``pcl_ext.proto_nce`` against the eager
-reference ``pcl_ext.reference.proto_nce``, same run, same inputs (shapes: BRIEF.md section 3).
+reference ``pcl_ext.reference.proto_nce``, same run, same inputs. The shapes (``SHAPES``
+below; N batch, D embedding, Q queue, K clusters per granularity, r sampled negatives):
+
+    pcl-imagenet  N=256  D=128  Q=16384  K=25000, 50000, 100000  r=16384 (PCL's ImageNet run)
+    pcl-all       N=256  D=128  Q=16384  K=25000, 50000, 100000  all prototypes
+    large-batch   N=1024 D=128  Q=65536  K=25000, 50000, 100000  all prototypes
+    small         N=256  D=128  Q=4096   K=100, 200, 500         all prototypes
+
 Peak memory comes from one extra untimed step: CUDA allocator statistics, or on the CPU the
 profiler's allocation events, replayed single-threaded (the profiler misses OpenMP workers).
 
@@ -21,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import pcl_ext
 from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
-                    init_device, shuffle_free_clusters, summary, time_round_robin, write_results)
+                    init_device, quiet_profiler, shuffle_free_clusters, summary, time_round_robin,
+                    write_results)
 
 LossFn = Callable[..., Tensor]
 
@@ -78,7 +86,7 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
 
     The profiler only hears allocations of the calling thread, not of OpenMP workers, so
     callers run fn single-threaded to see every allocation."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
