@@ -44,6 +44,105 @@ def reference_f64(q, k, queue, protos, phi, assign, negs, temperature=0.2):
     return loss.detach(), dq, dk
 
 
+def reference_terms(q, k, queue, protos, phi, assign, negs, temperature=0.2):
+    """Each softmax term in float64, materialized: (weight, logits [N, C], target column [N],
+    scaled columns x_j s_j [C, D], column ids [C]). The instance term's columns are
+    [k_0 .. k_{N-1}, queue]: row i sees only its own key (the other keys' logits are -inf)."""
+    q, k = q.detach().double().cpu(), k.detach().double().cpu()
+    n = q.shape[0]
+    rows = torch.arange(n)
+    cols = torch.cat([k, queue.double().cpu()]) / temperature
+    logits = q @ cols.t()
+    own = torch.ones(n, n, dtype=torch.bool)
+    own[rows, rows] = False
+    logits[:, :n][own] = -torch.inf
+    yield 1.0, logits, rows, cols, torch.arange(len(cols))
+    for m, (c, p, a) in enumerate(zip(protos, phi, assign)):
+        c, p, a = c.double().cpu(), p.double().cpu(), a.cpu()
+        ids = torch.arange(len(c)) if negs is None else torch.cat([a, negs[m].cpu()])
+        cols = c[ids] / p[ids, None]
+        yield 1.0 / len(protos), q @ cols.t(), a if negs is None else rows, cols, ids
+
+
+def kernel_units(device, dtype):
+    """Unit roundoffs of the kernel's arithmetic on this device: of the GEMM inputs (u_in: TF32
+    rounds q and the columns), of the float32 or float64 accumulators (u_acc, doubled on tensor
+    cores, whose adders may truncate), of P = softmax * scale as the second GEMM reads it (u_p)
+    and of the output dtype (u_out). The CPU computes half precision in float32."""
+    u_out = torch.finfo(dtype).eps / 2
+    u32 = torch.finfo(torch.float32).eps / 2
+    if torch.device(device).type == "cpu":
+        u = torch.finfo(torch.float64).eps / 2 if dtype == torch.float64 else u32
+        return dict(u_in=0.0, u_acc=u, u_p=u, u_out=u_out)
+    if torch.cuda.get_device_capability(device)[0] < 8:  # FFMA in float32 for every dtype
+        return dict(u_in=0.0, u_acc=u32, u_p=u32, u_out=u_out)
+    if dtype == torch.float32:
+        if torch.backends.cuda.matmul.fp32_precision == "tf32":
+            return dict(u_in=2.0**-11, u_acc=2 * u32, u_p=2.0**-11, u_out=u_out)
+        return dict(u_in=0.0, u_acc=u32, u_p=u32, u_out=u_out)
+    return dict(u_in=0.0, u_acc=2 * u32, u_p=u_out, u_out=u_out)
+
+
+def error_bound(inputs, temperature=0.2):
+    """(reference, tolerance) for the loss, dq and dk: the float64 reference and a bound on the
+    kernel's error, to first order in the roundings of kernel_units. For each term (C columns,
+    p = softmax, t = target, weight w / N):
+
+    * a logit (q.x_j) s_j is off by at most e_j = (2 u_in + (D + 2) u_acc) |q| |x_j| s_j
+      (D products and sums, then the scale; Cauchy-Schwarz bounds sum_c |q_c x_jc|);
+    * so log p_j moves by at most r_j = sum_{k != j} p_k (e_j + e_k), and lse - s_t by r_t;
+    * dq = sum_{j != t} p_j x_j s_j - (1 - p_t) x_t s_t: rounding P and X for the second GEMM
+      and summing C columns costs (u_p + u_in + (C + 2) u_acc) A(p), the logits' errors
+      A(p r), where A(w) = sum_{j != t} w_j (|x_j| s_j + |x_t| s_t);
+    * dk = -(1 - p_t) q / T moves with 1 - p_t = sum_{j != t} p_j;
+    * each output is rounded once to its dtype (u_out), with the dtype's subnormal spacing as
+      the absolute floor."""
+    q = inputs[0]
+    n, d = q.shape
+    units = kernel_units(q.device, q.dtype)
+    u_acc = units["u_acc"]
+    q64 = q.detach().double().cpu()
+    loss_tol, dq_tol, dk_tol = 0.0, 0.0, 0.0
+    terms = reference_terms(*inputs, temperature=temperature)
+    for term, (weight, logits, target, cols, _) in enumerate(terms):
+        coef, c = weight / n, logits.shape[1]
+        p = torch.softmax(logits, dim=1)
+        e = (2 * units["u_in"] + (d + 2) * u_acc) * q64.norm(dim=1, keepdim=True) * cols.norm(dim=1)
+        r = e * (1 - 2 * p) + (p * e).sum(1, keepdim=True)
+        others = p.scatter(1, target[:, None], 0.0)
+        rest = others.sum(1, keepdim=True)
+
+        def spread(w):
+            return coef * (w @ cols.abs() + w.sum(1, keepdim=True) * cols[target].abs())
+
+        dq_tol = dq_tol + (units["u_p"] + units["u_in"] + (c + 2) * u_acc) * spread(others)
+        dq_tol = dq_tol + spread(others * r)
+        loss_tol += coef * float((r.gather(1, target[:, None]) + (c + 2) * u_acc).sum())
+        if term == 0:  # the instance term: dk
+            dk_tol = coef / temperature * ((others * r).sum(1, keepdim=True)
+                                           + (c + 2) * u_acc * rest) * q64.abs()
+    floor = torch.finfo(q.dtype).tiny * torch.finfo(q.dtype).eps
+    bounds = []
+    for ref, tol in zip(reference_f64(*inputs, temperature=temperature),
+                        (loss_tol, dq_tol, dk_tol)):
+        bounds.append((ref, tol + units["u_out"] * ref.abs() + floor))
+    return bounds
+
+
+def assert_within_bound(inputs, temperature=0.2):
+    """The kernel's loss, dq and dk against the float64 reference, within error_bound."""
+    got = fused(*inputs, temperature=temperature)
+    bounds = error_bound(inputs, temperature=temperature)
+    for name, value, (want, tol) in zip(("loss", "dq", "dk"), got, bounds):
+        if value is None:
+            continue
+        err = (value.detach().double().cpu() - want).abs()
+        worst = int((err - tol).argmax())
+        assert bool((err <= tol).all()), (
+            f"{name}: error {float(err.flatten()[worst]):.3g} > bound "
+            f"{float(tol.flatten()[worst]):.3g} at flat index {worst}")
+
+
 def fused(q, k, queue, protos, phi, assign, negs, temperature=0.2):
     loss = pcl_ext.proto_nce(q, k, queue, protos, phi, assign, negs, temperature=temperature)
     grads = torch.autograd.grad(loss, (q, k) if k.requires_grad else (q,))
@@ -242,6 +341,32 @@ def test_bad_input_names_the_argument(what, mutation, exc, fragment):
     with pytest.raises(exc, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         pcl_ext.proto_nce(d["q"], d["k"], d["queue"], d["protos"], d["phi"], d["assign"],
                           d["negs"], temperature=d["temperature"])
+
+
+# ------------------------------------------------------------- every device, within error_bound
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+def test_fp16_with_tiny_phi(device, sampled):
+    # phi = 1e-5 scales its logits by 1e5, past fp16's largest value (65504). Every row leans
+    # by 1/3 or more towards or away from that cluster, so that its logit (>= 3e4 in size)
+    # either dominates the row's softmax or drops out of it: p stays well conditioned. Row 0's
+    # target is that cluster (p_t -> 1); it is nobody else's target nor a negative (no ties).
+    n, d, ks = 12, 16, (10, 7)
+    q, k, queue, protos, phi, assign, negs = sample_inputs(device, torch.float16, n=n, d=d,
+                                                           q_len=30, ks=ks, r=4, sampled=sampled)
+    phi[0][0] = 1e-5
+    c0 = protos[0][0].double().cpu()
+    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).double()[:, None]
+    lean = F.normalize(side * c0 + 0.5 * F.normalize(torch.randn(n, d).double(), dim=1), dim=1)
+    q = lean.to(device, torch.float16).requires_grad_()
+    assign[0] = torch.cat([torch.zeros(1, dtype=torch.long),
+                           torch.randint(1, ks[0], (n - 1,))]).to(device)
+    if sampled:
+        negs[0] = (torch.randperm(ks[0] - 1)[:4] + 1).to(device)
+    assert_within_bound((q, k, queue, protos, phi, assign, negs))
 
 
 # ---------------------------------------------------------------------------------------- CUDA

@@ -5,10 +5,12 @@
 // terms are cut into chunks whose bounds depend only on the shapes, and one launch over
 // (row block x chunk) streams column tiles through two GEMMs (mma.sync tensor cores for fp16,
 // bf16 and TF32-allowed float32; FFMA in the same tile layout for IEEE float32),
-//   S = Q X^T,  P = exp(S * s - m) * s (online softmax),  acc = acc * alpha + P X,
-// leaving (m, l, acc) per chunk and row in a float32 workspace. A combine launch merges the
-// chunks of each term in chunk order, adds the instance term's per-row positive column and the
-// target logits, and writes dq, dk and one loss per row; a one-block launch sums the rows.
+//   S = Q X^T,  P = exp(S * s - m) * s / s_max (online softmax),  acc = acc * alpha + P X,
+// leaving (m, l, s_max * acc) per chunk and row in a float32 workspace. s_max, the largest
+// scale the chunk has seen so far, keeps P <= 1: 1/phi alone overflows fp16 for phi < 1.5e-5.
+// A combine launch merges the chunks of each term in chunk order, adds the instance term's
+// per-row positive column and the target logits, and writes dq, dk and one loss per row; a
+// one-block launch sums the rows.
 // No atomics and fixed reduction orders: the same inputs give the same bits.
 #include "../proto_nce.h"
 
@@ -266,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
   const int bm = p.bm, bn = p.bn, ldx = p.ldx, ldp = p.ldp, lds = p.lds;
   T* sq = reinterpret_cast<T*>(smem);
   T* sx = sq + bm * ldx;        // two column-tile buffers: load tile i + 1 while computing tile i
-  T* sp = sx + 2 * bn * ldx;    // P = exp(S * s - m) * s in the GEMM input type
+  T* sp = sx + 2 * bn * ldx;    // P = exp(S * s - m) * s / s_max in the GEMM input type
   float* ss = reinterpret_cast<float*>(sp + bm * ldp);
   float* sscale = ss + bm * lds;  // two buffers, like sx
   float* salpha = sscale + 2 * bn;
@@ -296,6 +298,7 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
   const int tpr = kThreads / bm;  // softmax: tpr consecutive lanes share one row
   const int srow = threadIdx.x / tpr, ssub = threadIdx.x % tpr;
   float m_run = -INFINITY, l_run = 0.0f;
+  float s_run = 0.0f;  // largest scale so far: the same in every thread (all rows see all columns)
 
   for (int it = 0; it < ntiles; ++it) {
     const int buf = it & 1;
@@ -335,25 +338,36 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
 
     {  // online softmax of the tile's logits, one row per tpr lanes
       const float* srow_s = ss + srow * lds;
-      float mx = -INFINITY;  // fmaxf skips NaN: a bad column poisons the row through its exp
-      for (int c = ssub; c < tc; c += tpr) mx = fmaxf(mx, srow_s[c] * sc[c]);
-      for (int o = tpr / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_new = fmaxf(m_run, mx);
+      // fmaxf skips NaN: a bad column poisons the row through its exp, not through the max.
+      float mx = -INFINITY, smax = 0.0f;
+      for (int c = ssub; c < tc; c += tpr) {
+        mx = fmaxf(mx, srow_s[c] * sc[c]);
+        smax = fmaxf(smax, sc[c]);
+      }
+      for (int o = tpr / 2; o > 0; o /= 2) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, o));
+      }
+      const float m_new = fmaxf(m_run, mx), s_new = fmaxf(s_run, smax);
       const float alpha = expf(m_run - m_new);  // 0 on the first tile
+      const float inv_s = 1.0f / s_new;
       float sum = 0.0f;
       for (int c = ssub; c < bn; c += tpr) {
         float pv = 0.0f;
         if (c < tc) {
           const float e = expf(srow_s[c] * sc[c] - m_new);
           sum += e;
-          pv = e * sc[c];
+          pv = e * (sc[c] * inv_s);  // <= 1: representable in every GEMM input type
         }
         sp[srow * ldp + c] = from_f<T>(pv);
       }
       for (int o = tpr / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       l_run = l_run * alpha + sum;
       m_run = m_new;
-      if (ssub == 0) salpha[srow] = alpha;
+      // acc was scaled by 1/s_run: move it to the new max and scale (s_run = 0 on the first tile,
+      // where acc is still 0).
+      if (ssub == 0) salpha[srow] = alpha * (s_run * inv_s);
+      s_run = s_new;
     }
     __syncthreads();
 
@@ -390,8 +404,8 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
       const int r = slice * 16 + g + 8 * h;
       if (row0 + r >= p.n) continue;
       float* o = p.ws_acc + (ws_row + r) * p.d + col;
-      o[0] = acc[f][2 * h];
-      if (col + 1 < p.d) o[1] = acc[f][2 * h + 1];
+      o[0] = acc[f][2 * h] * s_run;  // float32 from here on: the scale back in full
+      if (col + 1 < p.d) o[1] = acc[f][2 * h + 1] * s_run;
     }
   }
 }
