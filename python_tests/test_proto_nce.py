@@ -369,6 +369,25 @@ def test_fp16_with_tiny_phi(device, sampled):
     assert_within_bound((q, k, queue, protos, phi, assign, negs))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
+def test_bf16_peaked_softmax(device, sampled):
+    # q_i is its target prototype and phi ~ 0.005: the target logit ~200 beats the others by
+    # ~100, so p_t = 1 - O(e^-100). dq's prototype part, sum_{j != t} p_j x_j s_j -
+    # (1 - p_t) x_t s_t, is then tiny; a target column rounded to bf16 inside P would leave an
+    # error of 2^-8 x_t s_t / (N M), far above error_bound. Distinct assignments: no ties.
+    n, d, ks = 16, 32, (24,)
+    q, k, queue, protos, phi, assign, negs = sample_inputs(device, torch.bfloat16, n=n, d=d,
+                                                           q_len=40, ks=ks, r=5, sampled=sampled,
+                                                           phi_range=(0.004, 0.006))
+    assign = [torch.randperm(ks[0])[:n].to(device)]
+    if sampled:
+        free = torch.tensor(reference.free_clusters(assign[0], ks[0]))
+        negs = [free[torch.randperm(len(free))[:5]].to(device)]
+    q = protos[0][assign[0]].clone().requires_grad_()
+    assert_within_bound((q, k, queue, protos, phi, assign, negs))
+
+
 # ---------------------------------------------------------------------------------------- CUDA
 CUDA_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 5e-3),
             torch.bfloat16: (3e-2, 3e-2)}

@@ -8,9 +8,11 @@
 //   S = Q X^T,  P = exp(S * s - m) * s / s_max (online softmax),  acc = acc * alpha + P X,
 // leaving (m, l, s_max * acc) per chunk and row in a float32 workspace. s_max, the largest
 // scale the chunk has seen so far, keeps P <= 1: 1/phi alone overflows fp16 for phi < 1.5e-5.
-// A combine launch merges the chunks of each term in chunk order, adds the instance term's
-// per-row positive column and the target logits, and writes dq, dk and one loss per row; a
-// one-block launch sums the rows.
+// Each row's target column (k_i, or its cluster's prototype) stays out of the tiles: a combine
+// launch merges the chunks of each term in chunk order, adds the target in float32, and writes
+// dq, dk and one loss per row; a one-block launch sums the rows. With the target apart,
+//   dq = sum_{j != t} p_j x_j s_j - (1 - p_t) x_t s_t
+// keeps its accuracy as p_t -> 1, where p_t x_t s_t - x_t s_t from a rounded P would cancel.
 // No atomics and fixed reduction orders: the same inputs give the same bits.
 #include "../proto_nce.h"
 
@@ -299,6 +301,12 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
   const int srow = threadIdx.x / tpr, ssub = threadIdx.x % tpr;
   float m_run = -INFINITY, l_run = 0.0f;
   float s_run = 0.0f;  // largest scale so far: the same in every thread (all rows see all columns)
+  // The row's own target column, left to the combine: column i in sampled mode, a_i in
+  // all-prototype mode (an id outside [0, K) matches no column), none for the instance term.
+  const int64_t grow = row0 + srow;
+  const int64_t target_col = td.assign == nullptr || grow >= p.n ? -1
+                             : td.ids != nullptr               ? grow
+                                                               : td.assign[grow];
 
   for (int it = 0; it < ntiles; ++it) {
     const int buf = it & 1;
@@ -338,10 +346,11 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
 
     {  // online softmax of the tile's logits, one row per tpr lanes
       const float* srow_s = ss + srow * lds;
+      const int64_t skip = target_col - c0;
       // fmaxf skips NaN: a bad column poisons the row through its exp, not through the max.
       float mx = -INFINITY, smax = 0.0f;
       for (int c = ssub; c < tc; c += tpr) {
-        mx = fmaxf(mx, srow_s[c] * sc[c]);
+        if (c != skip) mx = fmaxf(mx, srow_s[c] * sc[c]);
         smax = fmaxf(smax, sc[c]);
       }
       for (int o = tpr / 2; o > 0; o /= 2) {
@@ -349,12 +358,13 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
         smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, o));
       }
       const float m_new = fmaxf(m_run, mx), s_new = fmaxf(s_run, smax);
-      const float alpha = expf(m_run - m_new);  // 0 on the first tile
+      // 0 on the first tile; 1 while every column so far was the target (m still -inf)
+      const float alpha = m_new == m_run ? 1.0f : expf(m_run - m_new);
       const float inv_s = 1.0f / s_new;
       float sum = 0.0f;
       for (int c = ssub; c < bn; c += tpr) {
         float pv = 0.0f;
-        if (c < tc) {
+        if (c < tc && c != skip) {
           const float e = expf(srow_s[c] * sc[c] - m_new);
           sum += e;
           pv = e * (sc[c] * inv_s);  // <= 1: representable in every GEMM input type
@@ -415,12 +425,15 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// One block per row: merge each term's chunks in chunk order, then dq, dk and the row's loss.
+// One block per row: merge each term's chunks in chunk order, add the target column, then dq,
+// dk and the row's loss.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
     const __grid_constant__ Params p) {
   extern __shared__ float sf[];  // exp(m_chunk - m_term), per chunk
-  __shared__ float s_inv_sum[kMaxTerms], s_scale[kMaxTerms], s_pos[kMaxTerms], s_loss[kMaxTerms];
+  // 1 / sum and rest = 1 - p_t: the sum over the other columns over the whole sum, not 1 - p_t
+  // itself, which rounds to 0 as p_t -> 1.
+  __shared__ float s_inv_sum[kMaxTerms], s_scale[kMaxTerms], s_rest[kMaxTerms], s_loss[kMaxTerms];
   __shared__ int64_t s_row[kMaxTerms];
   const int64_t i = blockIdx.x, n = p.n;
   const int d = p.d, lane = threadIdx.x % 32;
@@ -452,21 +465,20 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
     for (int o = 16; o > 0; o /= 2) {
       col_max = fmaxf(col_max, __shfl_xor_sync(0xffffffffu, col_max, o));
     }
-    const float mx = inst ? fmaxf(target, col_max) : col_max;
-    float sum = 0.0f;
+    const float mx = fmaxf(target, col_max);
+    float rest = 0.0f;
     for (int c = lane; c < td.nchunks; c += 32) {
       const float* ml = p.ws_ml + ((td.chunk0 + c) * n + i) * 2;
       const float f = expf(ml[0] - mx);
       sf[td.chunk0 + c] = f;
-      sum += ml[1] * f;
+      rest += ml[1] * f;
     }
-    sum = warp_sum(sum);
-    const float pos = inst ? expf(target - mx) : 0.0f;  // the positive key is row i's own column
-    sum += pos;
+    rest = warp_sum(rest);
+    const float sum = rest + expf(target - mx);
     if (lane == 0) {
       s_inv_sum[t] = 1.0f / sum;
+      s_rest[t] = rest / sum;
       s_scale[t] = scale;
-      s_pos[t] = pos;
       s_row[t] = row;
       s_loss[t] = td.coef * (mx + logf(sum) - target);
       // The instance target is its own column (first: it wins ties, as argmax does).
@@ -492,13 +504,12 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
       float target;
       if (td.assign == nullptr) {
         target = to_f(k[c]) * s_scale[t];
-        e += target * s_pos[t];
-        gk = td.coef * (s_pos[t] * s_inv_sum[t] - 1.0f) * p.inv_t * to_f(q[c]);
+        gk = -td.coef * s_rest[t] * p.inv_t * to_f(q[c]);
       } else {
         target = s_row[t] >= 0 ? to_f(static_cast<const T*>(td.src)[s_row[t] * d + c]) * s_scale[t]
                                : nan;
       }
-      gq += td.coef * (e * s_inv_sum[t] - target);
+      gq += td.coef * (e * s_inv_sum[t] - target * s_rest[t]);
     }
     static_cast<T*>(p.dq)[i * d + c] = from_f<T>(gq);
     static_cast<T*>(p.dk)[i * d + c] = from_f<T>(gk);
