@@ -468,40 +468,56 @@ def test_cuda_bad_values_and_devices():
     assert torch.isnan(loss).item()
 
 
-def reference_hits(q, k, queue, protos, phi, assign, negs):
-    """[1 + M, N]: argmax of each term's materialized logits is the target (float64)."""
-    q, k = q.detach().double(), k.detach().double()
-    inst = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.double().t()], dim=1)
-    hits = [inst.argmax(1) == 0]
-    for m, (c, p, a) in enumerate(zip(protos, phi, assign)):
-        if negs is None:
-            hits.append(((q @ c.double().t()) / p.double()).argmax(1) == a)
-        else:
-            ids = torch.cat([a, negs[m]])
-            logits = (q @ c.double()[ids].t()) / p.double()[ids]
-            hits.append(logits.argmax(1) == torch.arange(len(a)))
-    return torch.stack(hits)
+def expected_hits(inputs, temperature=0.2):
+    """[1 + M, N] (must_hit, must_miss) from the float64 logits, by proto_nce_with_accuracy's
+    rule: the target against the columns that differ from it (identical columns, such as a
+    duplicate id, tie with it and count as hits); a hit if it is their argmax, a miss if it
+    trails it by more than 2 tol, where the kernel's own rounding (tol / 2 per logit) may
+    decide either way."""
+    q = inputs[0]
+    units = kernel_units(q.device, q.dtype)
+    factor = 2 * (2 * units["u_in"] + (q.shape[1] + 2) * units["u_acc"])
+    q64 = q.detach().double().cpu()
+    must_hit, must_miss = [], []
+    for _, logits, target, cols, _ in reference_terms(*inputs, temperature=temperature):
+        same = (cols[None, :, :] == cols[target][:, None, :]).all(dim=2)   # [N, C]
+        gap = logits.gather(1, target[:, None])[:, 0] - logits.masked_fill(same, -torch.inf).amax(1)
+        tol = factor * (q64 * cols[target]).abs().sum(1)
+        must_hit.append(gap >= 0)
+        must_miss.append(gap < -2 * tol)
+    return torch.stack(must_hit), torch.stack(must_miss)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), ("cpu", torch.float32),
+                                          pytest.param("cuda", torch.float32, marks=cuda_only)])
 @pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "all"])
-def test_accuracy_flags_match_argmax(sampled, dtype):
-    # Distinct assignments so that no two sampled columns tie; a strong signal so that the
-    # flags are a mix of hits and misses.
+def test_accuracy_flags_match_argmax(device, dtype, sampled):
+    # Clustering 0: rows 0-5 in cluster 1, whose prototype and phi cluster 0 copies (an exact
+    # tie that argmax, taking the first column, would call a miss; in sampled mode rows 1-5's
+    # positives tie too), pulled hard towards it with the smallest phi so that the tie is their
+    # top; the other rows in distinct clusters, pulled less (hits and misses).
     n, ks = 24, (40, 64)
-    inputs = list(sample_inputs(dtype=dtype, n=n, d=16, q_len=50, ks=ks, r=10, sampled=sampled))
-    q, k, queue, protos, phi, assign, negs = inputs
-    assign = [torch.randperm(kk)[:n] for kk in ks]
-    q = (q.detach() + 0.8 * torch.stack([protos[0][a] for a in assign[0].tolist()])).to(dtype)
-    q = F.normalize(q, dim=1)
+    q, k, queue, protos, phi, assign, negs = sample_inputs(device, dtype, n=n, d=16, q_len=50,
+                                                           ks=ks, r=10, sampled=sampled)
+    protos[0][0] = protos[0][1]
+    phi[0][:2] = phi[0].min()
+    assign = [torch.cat([torch.ones(6, dtype=torch.long), 2 + torch.randperm(ks[0] - 2)[:n - 6]]),
+              torch.randint(0, ks[1], (n,))]
+    pull = torch.cat([torch.full((6, 1), 2.0), torch.full((n - 6, 1), 1.2)]).to(device, dtype)
+    q = F.normalize(q.detach() + pull * protos[0][assign[0].to(device)], dim=1)
     if sampled:
         free = [torch.tensor(reference.free_clusters(a, kk)) for kk, a in zip(ks, assign)]
         negs = [f[torch.randperm(len(f))[:10]] for f in free]
-    loss, correct = pcl_ext.ops.proto_nce_with_accuracy(q, k.detach(), queue, protos, phi,
-                                                        assign, negs)
-    want = reference_hits(q, k, queue, protos, phi, assign, negs)
+        negs[0][0] = 0  # the copy of cluster 1 is a column
+        negs = [g.to(device) for g in negs]
+    assign = [a.to(device) for a in assign]
+    inputs = (q, k.detach(), queue, protos, phi, assign, negs)
+    loss, correct = pcl_ext.ops.proto_nce_with_accuracy(*inputs)
+    must_hit, must_miss = expected_hits(inputs)
     assert correct.dtype == torch.bool and correct.shape == (3, n)
-    assert torch.equal(correct, want)
-    assert 0 < int(want[1].sum()) < n  # the check saw hits and misses
-    torch.testing.assert_close(loss, pcl_ext.proto_nce(q, k.detach(), queue, protos, phi, assign,
-                                                       negs))
+    correct = correct.cpu()
+    assert bool((correct | ~must_hit).all()), "a hit flagged as a miss"
+    assert bool((~correct | ~must_miss).all()), "a miss flagged as a hit"
+    assert bool(must_hit[1, :6].all())  # the ties were their rows' top and counted as hits
+    assert 0 < int(must_hit[1, 6:].sum()) and int(must_miss[1, 6:].sum()) > 0  # hits and misses
+    torch.testing.assert_close(loss, pcl_ext.proto_nce(*inputs))

@@ -67,7 +67,7 @@ struct Params {
   float* ws_ml;     // [chunks, N, 2]: running max, running sum
   float* row_loss;  // [N]
   bool* correct;    // [nterms, N]
-  float hit_tol;    // relative rounding allowed between tiled logits and the target logit
+  float hit_tol;    // `correct`'s tolerance per unit of s_t sum_c |q_c x_tc| (hit_tolerance)
   int64_t n, chunk_cols;
   int d, dp, bm, bn, ldx, ldp, lds, nterms;
   float inv_t;
@@ -453,11 +453,16 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
       col = row >= 0 ? static_cast<const T*>(td.src) + row * d : nullptr;
       scale = row >= 0 ? 1.0f / td.phi[row] : nan;
     }
-    float dot = 0.0f;
+    float dot = 0.0f, mag = 0.0f;
     if (col != nullptr) {
-      for (int c = lane; c < d; c += 32) dot += to_f(q[c]) * to_f(col[c]);
+      for (int c = lane; c < d; c += 32) {
+        const float v = to_f(q[c]) * to_f(col[c]);
+        dot += v;
+        mag += fabsf(v);
+      }
     }
     const float target = warp_sum(dot) * scale;
+    const float bound = warp_sum(mag) * scale;
     float col_max = -INFINITY;
     for (int c = lane; c < td.nchunks; c += 32) {
       col_max = fmaxf(col_max, p.ws_ml[((td.chunk0 + c) * n + i) * 2]);
@@ -481,10 +486,7 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
       s_scale[t] = scale;
       s_row[t] = row;
       s_loss[t] = td.coef * (mx + logf(sum) - target);
-      // The instance target is its own column (first: it wins ties, as argmax does).
-      p.correct[t * n + i] =
-          inst ? target >= col_max
-               : target >= col_max - p.hit_tol * fmaxf(1.0f, fabsf(col_max));
+      p.correct[t * n + i] = target >= col_max - p.hit_tol * bound;  // col_max: the others
     }
   }
   __syncthreads();
@@ -677,14 +679,17 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
     const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
                                                            at::Float32Op::MATMUL) ==
                       at::Float32Precision::TF32;
-    p.hit_tol = tf32 ? 4e-3f : 1e-5f;  // TF32 rounds the tiles' inputs to 10 mantissa bits
+    // TF32 rounds the tiles' inputs to 10 stored mantissa bits; tensor cores' adders may
+    // truncate (twice float32's unit roundoff).
+    p.hit_tol = static_cast<float>(tf32 ? hit_tolerance(0x1p-11, 0x1p-23, d)
+                                        : hit_tolerance(0.0, 0x1p-24, d));
     if (tf32) launch<float, Math::kTF32>(p, na, smem, row_blocks, nchunks, out, stream);
     else launch<float, Math::kFFMA>(p, na, smem, row_blocks, nchunks, out, stream);
   } else if (dtype == at::kHalf) {
-    p.hit_tol = 1e-5f;  // half inputs: the same products, summed in another order
+    p.hit_tol = static_cast<float>(hit_tolerance(0.0, 0x1p-23, d));  // exact products
     launch<__half, Math::kHalf>(p, na, smem, row_blocks, nchunks, out, stream);
   } else {
-    p.hit_tol = 1e-5f;
+    p.hit_tol = static_cast<float>(hit_tolerance(0.0, 0x1p-23, d));
     launch<__nv_bfloat16, Math::kHalf>(p, na, smem, row_blocks, nchunks, out, stream);
   }
   return {loss, dq, dk, correct};
