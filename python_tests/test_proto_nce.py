@@ -1,4 +1,6 @@
 """pcl_ext.proto_nce against the float64 reference, plus autograd, opcheck, compile, bad input."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,19 @@ import pcl_ext
 from pcl_ext import reference
 
 from conftest import cuda_only
+
+
+@contextlib.contextmanager
+def float32_matmul(precision):
+    """torch.set_float32_matmul_precision(precision) ("highest": IEEE float32, "high": TF32,
+    which the CUDA kernel follows) for the block; the previous global and CUDA settings after."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.fp32_precision = before[1]
 
 
 def sample_inputs(device="cpu", dtype=torch.float32, n=6, d=13, q_len=11, ks=(5, 9, 4),
@@ -401,19 +416,15 @@ CUDA_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 5e-3),
 def test_matches_reference_cuda(shape, m, sampled, dtype):
     kw = dict(SHAPES[shape])
     kw["ks"] = kw["ks"][:m]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    assert_matches(sample_inputs("cuda", dtype, sampled=sampled, **kw), *CUDA_TOL[dtype])
+    with float32_matmul("highest"):
+        assert_matches(sample_inputs("cuda", dtype, sampled=sampled, **kw), *CUDA_TOL[dtype])
 
 
 @cuda_only
 def test_cuda_tf32_within_tf32_tolerance():
     inputs = sample_inputs("cuda", torch.float32, n=64, d=128, q_len=3000, ks=(2000, 500))
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
+    with float32_matmul("high"):
         assert_matches(inputs, 5e-3, 5e-3)
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 @cuda_only
@@ -521,3 +532,13 @@ def test_accuracy_flags_match_argmax(device, dtype, sampled):
     assert bool(must_hit[1, :6].all())  # the ties were their rows' top and counted as hits
     assert 0 < int(must_hit[1, 6:].sum()) and int(must_miss[1, 6:].sum()) > 0  # hits and misses
     torch.testing.assert_close(loss, pcl_ext.proto_nce(*inputs))
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_float32_matmul_restores_the_settings(precision):
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+              torch.backends.cuda.matmul.allow_tf32)
+    with float32_matmul(precision):
+        assert torch.backends.cuda.matmul.allow_tf32 == (precision == "high")
+    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.cuda.matmul.allow_tf32) == before
