@@ -4,7 +4,8 @@
 // scale s_j (1/T for the queue, 1/phi for prototypes). Flash-Decoding split: the columns of all
 // terms are cut into chunks whose bounds depend only on the shapes, and one launch over
 // (row block x chunk) streams column tiles through two GEMMs (mma.sync tensor cores for fp16,
-// bf16 and TF32-allowed float32; FFMA in the same tile layout for IEEE float32),
+// bf16 and TF32-allowed float32 from sm_80 on; FFMA in the same tile layout for IEEE float32,
+// and for every dtype before sm_80, half inputs converted to float32 as the tiles load),
 //   S = Q X^T,  P = exp(S * s - m) * s / s_max (online softmax),  acc = acc * alpha + P X,
 // leaving (m, l, s_max * acc) per chunk and row in a float32 workspace. s_max, the largest
 // scale the chunk has seen so far, keeps P <= 1: 1/phi alone overflows fp16 for phi < 1.5e-5.
@@ -85,23 +86,36 @@ __device__ __forceinline__ T from_f(float x) {
   else return x;
 }
 
-// mma.sync with bf16/tf32, ldmatrix and cp.async need sm_80; the host checks the device, and an
-// older target in the build list compiles to a trap instead of failing the whole build.
-// PCL_EXT_ASM touches memory (kept in order with the barriers), PCL_EXT_ALU only registers.
+// mma.sync with bf16/tf32 and cp.async need sm_80. Older targets in the build list (sm_70,
+// sm_75) compile only the FFMA kernels (compiled_here), which issue neither: the tensor-core
+// operands below exist from sm_80 on, and the cp.async helpers, which the FFMA kernels name in
+// branches they discard there, compile to a trap. PCL_EXT_ASM touches memory (kept in order
+// with the barriers).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PCL_EXT_SM80 0
 #define PCL_EXT_ASM(...) __trap()
-#define PCL_EXT_ALU(...) __trap()
 #else
+#define PCL_EXT_SM80 1
 #define PCL_EXT_ASM(...) asm volatile(__VA_ARGS__)
-#define PCL_EXT_ALU(...) asm(__VA_ARGS__)
 #endif
-#define PCL_EXT_MMA(shape_types, c, a, b)                                                       \
-  PCL_EXT_ALU("mma.sync.aligned." shape_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "        \
-              "{%0,%1,%2,%3};\n"                                                                \
-              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
-              : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+// The host launches tensor cores (kTF32, kHalf) from compute capability 8.0 on and FFMA below,
+// for every dtype, and FFMA on sm_80+ for float32 only (`math` in proto_nce_cuda): each target
+// compiles those kernels and a trap for the others.
+template <typename T, Math M>
+__device__ constexpr bool compiled_here() {
+  return PCL_EXT_SM80 ? M != Math::kFFMA || std::is_same_v<T, float> : M == Math::kFFMA;
+}
+
+// Shared-memory tiles hold what the GEMMs read: the input dtype on tensor cores, float32 for
+// FFMA (half inputs convert as they load, so they load with plain instructions, not cp.async).
+template <typename T, Math M>
+using TileT = std::conditional_t<M == Math::kFFMA, float, T>;
+template <typename T, typename S>
+constexpr bool kAsyncLoads = std::is_same_v<T, S> && PCL_EXT_SM80;
+
+[[maybe_unused]] __device__ __forceinline__ void cp_async16(void* dst, const void* src,
+                                                              int src_bytes) {
   // src_bytes = 0 zero-fills: padding columns and bad ids must read as 0, never garbage.
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   PCL_EXT_ASM("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
@@ -119,6 +133,12 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // s[r * ld + k]); B either k-contiguous (B[k][n] at s[n * ld + k]) or n-contiguous (s[k * ld + n]).
 template <typename T, Math M>
 struct Mma;
+
+#if PCL_EXT_SM80
+#define PCL_EXT_MMA(shape_types, c, a, b)                                                       \
+  asm("mma.sync.aligned." shape_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
 
 template <typename T>  // __half / __nv_bfloat16: m16n8k16
 struct Mma<T, Math::kHalf> {
@@ -158,7 +178,7 @@ struct Mma<float, Math::kTF32> {
   struct B { uint32_t r[2]; };
   static __device__ __forceinline__ uint32_t tf32(float x) {
     uint32_t r = 0;
-    PCL_EXT_ALU("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
     return r;
   }
   static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
@@ -177,6 +197,8 @@ struct Mma<float, Math::kTF32> {
     PCL_EXT_MMA("m16n8k8.row.col.f32.tf32.tf32.f32", c, a, b);
   }
 };
+
+#endif  // PCL_EXT_SM80
 
 template <>  // float in IEEE FP32 (TF32 not allowed): the same tiles and C layout, FFMA inside
 struct Mma<float, Math::kFFMA> {
@@ -227,10 +249,11 @@ __device__ __forceinline__ int64_t column_row(const TermDesc& td, int64_t col) {
   return r >= 0 && r < td.rows ? r : -1;
 }
 
-// Columns [c0, c0 + tc) of a term into a [bn, ldx] tile (rows >= tc and elements >= d are 0)
-// and their scales into sscale (0 past tc; NaN for a bad id, so that its row turns NaN).
-template <typename T>
-__device__ void load_columns(T* sx, float* sscale, const TermDesc& td, const Params& p,
+// Columns [c0, c0 + tc) of a term (dtype T) into a [bn, ldx] tile of S (rows >= tc and
+// elements >= d are 0) and their scales into sscale (0 past tc; NaN for a bad id, so that its
+// row turns NaN).
+template <typename T, typename S>
+__device__ void load_columns(S* sx, float* sscale, const TermDesc& td, const Params& p,
                              int64_t c0, int tc) {
   const T* src = static_cast<const T*>(td.src);
   if (td.vec) {
@@ -240,13 +263,21 @@ __device__ void load_columns(T* sx, float* sscale, const TermDesc& td, const Par
       const int j = idx / per_row, e0 = (idx - j * per_row) * kPer;
       const int64_t row = j < tc ? column_row(td, c0 + j) : -1;
       const bool ok = row >= 0 && e0 < p.d;  // d * sizeof(T) % 16 == 0: all 16 bytes or none
-      cp_async16(sx + j * p.ldx + e0, ok ? src + row * p.d + e0 : src, ok ? 16 : 0);
+      if constexpr (kAsyncLoads<T, S>) {
+        cp_async16(sx + j * p.ldx + e0, ok ? src + row * p.d + e0 : src, ok ? 16 : 0);
+      } else {  // the same 16 bytes through registers, converted to the tile type
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (ok) v = *reinterpret_cast<const uint4*>(src + row * p.d + e0);
+        const T* vt = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) sx[j * p.ldx + e0 + e] = from_f<S>(to_f(vt[e]));
+      }
     }
   } else {
     for (int idx = threadIdx.x; idx < p.bn * p.dp; idx += kThreads) {
       const int j = idx / p.dp, e = idx - j * p.dp;
       const int64_t row = j < tc ? column_row(td, c0 + j) : -1;
-      sx[j * p.ldx + e] = row >= 0 && e < p.d ? src[row * p.d + e] : from_f<T>(0.0f);
+      sx[j * p.ldx + e] = from_f<S>(row >= 0 && e < p.d ? to_f(src[row * p.d + e]) : 0.0f);
     }
   }
   for (int j = threadIdx.x; j < p.bn; j += kThreads) {
@@ -263,14 +294,14 @@ __device__ void load_columns(T* sx, float* sscale, const TermDesc& td, const Par
 // w % (bm / 16) and every (8 / (bm / 16))-th 8-column tile of S and of acc: NA bounds the acc
 // tiles per warp at compile time (dp / (8 * warps per slice) of them are live).
 template <typename T, Math M, int NA>
-__global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
-    proto_nce_chunk_kernel(const __grid_constant__ Params p) {
-  using Op = Mma<T, M>;
+__device__ __forceinline__ void chunk_tiles(const Params& p) {
+  using S = TileT<T, M>;
+  using Op = Mma<S, M>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int bm = p.bm, bn = p.bn, ldx = p.ldx, ldp = p.ldp, lds = p.lds;
-  T* sq = reinterpret_cast<T*>(smem);
-  T* sx = sq + bm * ldx;        // two column-tile buffers: load tile i + 1 while computing tile i
-  T* sp = sx + 2 * bn * ldx;    // P = exp(S * s - m) * s / s_max in the GEMM input type
+  S* sq = reinterpret_cast<S*>(smem);
+  S* sx = sq + bm * ldx;        // two column-tile buffers: load tile i + 1 while computing tile i
+  S* sp = sx + 2 * bn * ldx;    // P = exp(S * s - m) * s / s_max in the GEMM input type
   float* ss = reinterpret_cast<float*>(sp + bm * ldp);
   float* sscale = ss + bm * lds;  // two buffers, like sx
   float* salpha = sscale + 2 * bn;
@@ -284,12 +315,13 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
   const int ntiles = int((cend - cbeg + bn - 1) / bn);
   const int64_t row0 = int64_t(blockIdx.x) * bm;
 
-  load_columns(sx, sscale, td, p, cbeg, int(std::min<int64_t>(bn, cend - cbeg)));
-  cp_async_commit();
+  load_columns<T>(sx, sscale, td, p, cbeg, int(std::min<int64_t>(bn, cend - cbeg)));
+  if constexpr (kAsyncLoads<T, S>) cp_async_commit();
   const T* q = static_cast<const T*>(p.q);
   for (int idx = threadIdx.x; idx < bm * p.dp; idx += kThreads) {
     const int r = idx / p.dp, e = idx - r * p.dp;
-    sq[r * ldx + e] = row0 + r < p.n && e < p.d ? q[(row0 + r) * p.d + e] : from_f<T>(0.0f);
+    sq[r * ldx + e] =
+        from_f<S>(row0 + r < p.n && e < p.d ? to_f(q[(row0 + r) * p.d + e]) : 0.0f);
   }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -312,14 +344,14 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
     const int buf = it & 1;
     const int64_t c0 = cbeg + int64_t(it) * bn;
     const int tc = int(std::min<int64_t>(bn, cend - c0));
-    cp_async_wait_all();
+    if constexpr (kAsyncLoads<T, S>) cp_async_wait_all();
     __syncthreads();  // tile `it` landed; every warp is done with tile it - 1 (and buffer buf^1)
     if (it + 1 < ntiles) {
-      load_columns(sx + (buf ^ 1) * bn * ldx, sscale + (buf ^ 1) * bn, td, p, c0 + bn,
-                   int(std::min<int64_t>(bn, cend - c0 - bn)));
-      cp_async_commit();
+      load_columns<T>(sx + (buf ^ 1) * bn * ldx, sscale + (buf ^ 1) * bn, td, p, c0 + bn,
+                      int(std::min<int64_t>(bn, cend - c0 - bn)));
+      if constexpr (kAsyncLoads<T, S>) cp_async_commit();
     }
-    const T* xb = sx + buf * bn * ldx;
+    const S* xb = sx + buf * bn * ldx;
     const float* sc = sscale + buf * bn;
 
     {  // S = Q X^T over the padded D (zeros past d)
@@ -369,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
           sum += e;
           pv = e * (sc[c] * inv_s);  // <= 1: representable in every GEMM input type
         }
-        sp[srow * ldp + c] = from_f<T>(pv);
+        sp[srow * ldp + c] = from_f<S>(pv);
       }
       for (int o = tpr / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       l_run = l_run * alpha + sum;
@@ -418,6 +450,13 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
       if (col + 1 < p.d) o[1] = acc[f][2 * h + 1] * s_run;
     }
   }
+}
+
+template <typename T, Math M, int NA>
+__global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
+    proto_nce_chunk_kernel(const __grid_constant__ Params p) {
+  if constexpr (compiled_here<T, M>()) chunk_tiles<T, M, NA>(p);
+  else __trap();
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -579,33 +618,47 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t n = q.size(0), d = q.size(1);
   const size_t elem = q.element_size();
 
-  // Tiles: the largest row block whose accumulator fits 8 (else 16) 8-column tiles per warp,
-  // then the widest column tile that leaves room for two blocks per SM (else one).
-  int bm = 0, dp = 0, na = 0;
+  // Tensor cores from compute capability 8.0 on (for float32 only where torch's own float32
+  // matmuls may use TF32: the resolved precision setting), FFMA in float32 otherwise; the
+  // device code compiles exactly these pairs (compiled_here).
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                                         at::Float32Op::MATMUL) ==
+                    at::Float32Precision::TF32;
+  const Math math = prop->major < 8         ? Math::kFFMA
+                    : dtype != at::kFloat ? Math::kHalf
+                    : tf32                  ? Math::kTF32
+                                            : Math::kFFMA;
+  const size_t tile_elem = math == Math::kFFMA ? sizeof(float) : elem;
+
+  // Tiles: the largest row block whose accumulator fits 8 (else 16) 8-column tiles per warp and
+  // whose tiles fit in shared memory, with the widest column tile that leaves room for two
+  // blocks per SM (else one). Smaller row blocks need less: they serve D = 256 in float32 on a
+  // T4's 64 KB.
+  const size_t smem_limit = prop->sharedMemPerBlockOptin;
+  int bm = 0, bn = 0, dp = 0, na = 0;
+  bool fits_registers = false;
   for (int cand : {64, 32, 16}) {
     const int wpn = kWarps / (cand / 16);
     const int cdp = int(round_up(d, 8 * wpn));
     const int cna = cdp / (8 * wpn);
-    if (cna <= 8 || (cand == 16 && cna <= 16)) {
+    if (cna > (cand == 16 ? 16 : 8)) continue;
+    fits_registers = true;
+    for (size_t budget : {std::min(kTwoBlocksSmem, smem_limit), smem_limit}) {
+      for (int cbn : {64, 32, 16}) {
+        if (bn == 0 && smem_bytes(cand, cbn, cdp, tile_elem) <= budget) bn = cbn;
+      }
+    }
+    if (bn > 0) {
       bm = cand, dp = cdp, na = cna;
       break;
     }
   }
-  TORCH_CHECK_VALUE(bm > 0, "proto_nce: the CUDA kernel supports embedding dimensions up to "
-                    "1024, `q` has D = ", d);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, "proto_nce: the CUDA kernel needs compute capability 8.0 or "
-              "newer (mma.sync, cp.async), got ", prop->major, ".", prop->minor);
-  const size_t smem_limit = prop->sharedMemPerBlockOptin;
-  int bn = 0;
-  for (size_t budget : {std::min(kTwoBlocksSmem, smem_limit), smem_limit}) {
-    for (int cand : {64, 32, 16}) {
-      if (bn == 0 && smem_bytes(bm, cand, dp, elem) <= budget) bn = cand;
-    }
-  }
-  TORCH_CHECK_VALUE(bn > 0, "proto_nce: `q` has D = ", d, ", too large for the shared memory "
+  TORCH_CHECK_VALUE(fits_registers, "proto_nce: the CUDA kernel supports embedding dimensions "
+                    "up to 1024, `q` has D = ", d);
+  TORCH_CHECK_VALUE(bm > 0, "proto_nce: `q` has D = ", d, ", too large for the shared memory "
                     "of this GPU (", smem_limit, " bytes per block)");
-  const size_t smem = smem_bytes(bm, bn, dp, elem);
+  const size_t smem = smem_bytes(bm, bn, dp, tile_elem);
 
   Params p{};
   std::vector<at::Tensor> keep;  // owners of the contiguous copies the term table points into
@@ -667,31 +720,27 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.dp = dp;
   p.bm = bm;
   p.bn = bn;
-  p.ldx = dp + static_cast<int>(16 / elem);
-  p.ldp = bn + static_cast<int>(16 / elem);
+  p.ldx = dp + static_cast<int>(16 / tile_elem);
+  p.ldp = bn + static_cast<int>(16 / tile_elem);
   p.lds = bn + 4;
   p.inv_t = static_cast<float>(1.0 / temperature);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   void* out = loss.data_ptr();
+  // TF32 rounds the tiles' inputs to 10 stored mantissa bits (fp16/bf16 products are exact);
+  // tensor cores' adders may truncate: twice float32's unit roundoff.
+  p.hit_tol = static_cast<float>(hit_tolerance(math == Math::kTF32 ? 0x1p-11 : 0.0,
+                                               math == Math::kFFMA ? 0x1p-24 : 0x1p-23, d));
+  decltype(&launch<float, Math::kFFMA>) kernels;
   if (dtype == at::kFloat) {
-    // TF32 only where torch's own float32 matmuls may use it (the resolved precision setting).
-    const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
-                                                           at::Float32Op::MATMUL) ==
-                      at::Float32Precision::TF32;
-    // TF32 rounds the tiles' inputs to 10 stored mantissa bits; tensor cores' adders may
-    // truncate (twice float32's unit roundoff).
-    p.hit_tol = static_cast<float>(tf32 ? hit_tolerance(0x1p-11, 0x1p-23, d)
-                                        : hit_tolerance(0.0, 0x1p-24, d));
-    if (tf32) launch<float, Math::kTF32>(p, na, smem, row_blocks, nchunks, out, stream);
-    else launch<float, Math::kFFMA>(p, na, smem, row_blocks, nchunks, out, stream);
+    kernels = math == Math::kTF32 ? launch<float, Math::kTF32> : launch<float, Math::kFFMA>;
   } else if (dtype == at::kHalf) {
-    p.hit_tol = static_cast<float>(hit_tolerance(0.0, 0x1p-23, d));  // exact products
-    launch<__half, Math::kHalf>(p, na, smem, row_blocks, nchunks, out, stream);
+    kernels = math == Math::kHalf ? launch<__half, Math::kHalf> : launch<__half, Math::kFFMA>;
   } else {
-    p.hit_tol = static_cast<float>(hit_tolerance(0.0, 0x1p-23, d));
-    launch<__nv_bfloat16, Math::kHalf>(p, na, smem, row_blocks, nchunks, out, stream);
+    kernels = math == Math::kHalf ? launch<__nv_bfloat16, Math::kHalf>
+                                  : launch<__nv_bfloat16, Math::kFFMA>;
   }
+  kernels(p, na, smem, row_blocks, nchunks, out, stream);
   return {loss, dq, dk, correct};
 }
 
