@@ -1,5 +1,6 @@
 """pcl_ext.proto_nce against the float64 reference, plus autograd, opcheck, compile, bad input."""
 import contextlib
+import os
 
 import pytest
 import torch
@@ -14,14 +15,22 @@ from conftest import cuda_only, two_gpus_only
 @contextlib.contextmanager
 def float32_matmul(precision):
     """torch.set_float32_matmul_precision(precision) ("highest": IEEE float32, "high": TF32,
-    which the CUDA kernel follows) for the block; the previous global and CUDA settings after."""
-    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
-    torch.set_float32_matmul_precision(precision)
+    which the CUDA kernel follows) for the block, or "3xtf32": "highest" with the CUDA kernel's
+    PCL_EXT_FLOAT32_MATH=3xtf32; the previous global and CUDA settings after."""
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+              os.environ.get("PCL_EXT_FLOAT32_MATH"))
+    torch.set_float32_matmul_precision("highest" if precision == "3xtf32" else precision)
+    os.environ.pop("PCL_EXT_FLOAT32_MATH", None)
+    if precision == "3xtf32":
+        os.environ["PCL_EXT_FLOAT32_MATH"] = "3xtf32"
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cuda.matmul.fp32_precision = before[1]
+        os.environ.pop("PCL_EXT_FLOAT32_MATH", None)
+        if before[2] is not None:
+            os.environ["PCL_EXT_FLOAT32_MATH"] = before[2]
 
 
 def sample_inputs(device="cpu", dtype=torch.float32, n=6, d=13, q_len=11, ks=(5, 9, 4),
@@ -81,10 +90,11 @@ def reference_terms(q, k, queue, protos, phi, assign, negs, temperature=0.2):
 
 def kernel_units(device, dtype):
     """The kernel's arithmetic on this device: unit roundoffs of the GEMM inputs (u_in: TF32
-    rounds q and the columns), of the float32 or float64 accumulators (u_acc, doubled on tensor
-    cores, whose adders may truncate), of P = softmax * scale as the second GEMM reads it (u_p)
-    and of the output dtype (u_out); and whether each row's target column is kept out of P
-    (CUDA) or inside it (the CPU, which computes half precision in float32)."""
+    rounds q and the columns; 3xTF32 leaves 2^-22 of each and drops a product as small), of
+    the float32 or float64 accumulators (u_acc, doubled on tensor cores, whose adders may
+    truncate), of P = softmax * scale as the second GEMM reads it (u_p) and of the output
+    dtype (u_out); and whether each row's target column is kept out of P (CUDA) or inside it
+    (the CPU, which computes half precision in float32)."""
     u_out = torch.finfo(dtype).eps / 2
     u32 = torch.finfo(torch.float32).eps / 2
     if torch.device(device).type == "cpu":
@@ -97,6 +107,8 @@ def kernel_units(device, dtype):
         return dict(units, u_acc=2 * u32, u_p=u_out)
     if torch.backends.cuda.matmul.fp32_precision == "tf32":
         return dict(units, u_in=2.0**-11, u_acc=2 * u32, u_p=2.0**-11)
+    if os.environ.get("PCL_EXT_FLOAT32_MATH") == "3xtf32":
+        return dict(units, u_in=2.0**-21, u_acc=2 * u32, u_p=2.0**-21)
     return units
 
 
@@ -208,6 +220,7 @@ CASES = [pytest.param("cpu", torch.float64, "highest", id="cpu-float64"),
          pytest.param("cpu", torch.float32, "highest", id="cpu-float32"),
          pytest.param("cuda", torch.float32, "highest", id="cuda-float32", marks=cuda_only),
          pytest.param("cuda", torch.float32, "high", id="cuda-tf32", marks=cuda_only),
+         pytest.param("cuda", torch.float32, "3xtf32", id="cuda-3xtf32", marks=cuda_only),
          pytest.param("cuda", torch.float16, "highest", id="cuda-float16", marks=cuda_only),
          pytest.param("cuda", torch.bfloat16, "highest", id="cuda-bfloat16", marks=cuda_only)]
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
@@ -624,11 +637,23 @@ def test_accuracy_flags_match_argmax(device, dtype, precision, sampled):
     assert 0 < int(must_hit[1, 6:].sum()) and int(must_miss[1, 6:].sum()) > 0  # hits and misses
 
 
-@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("precision", ["highest", "high", "3xtf32"])
 def test_float32_matmul_restores_the_settings(precision):
-    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
-              torch.backends.cuda.matmul.allow_tf32)
+    def settings():
+        return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cuda.matmul.allow_tf32, os.environ.get("PCL_EXT_FLOAT32_MATH"))
+
+    before = settings()
     with float32_matmul(precision):
         assert torch.backends.cuda.matmul.allow_tf32 == (precision == "high")
-    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
-            torch.backends.cuda.matmul.allow_tf32) == before
+        assert (os.environ.get("PCL_EXT_FLOAT32_MATH") == "3xtf32") == (precision == "3xtf32")
+    assert settings() == before
+
+
+@cuda_only
+def test_cuda_float32_math_setting_is_checked():
+    inputs = sample_inputs("cuda", n=4, ks=(5,))
+    with float32_matmul("highest"):
+        os.environ["PCL_EXT_FLOAT32_MATH"] = "fast"
+        with pytest.raises(ValueError, match="PCL_EXT_FLOAT32_MATH"):
+            fused(*inputs)

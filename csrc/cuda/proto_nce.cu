@@ -5,7 +5,8 @@
 // terms are cut into chunks whose bounds depend only on the shapes, and one launch over
 // (row block x chunk) streams column tiles through two GEMMs (mma.sync tensor cores for fp16,
 // bf16 and TF32-allowed float32 from sm_80 on; FFMA in the same tile layout for IEEE float32,
-// and for every dtype before sm_80, half inputs converted to float32 as the tiles load),
+// or 3xTF32 tensor cores if PCL_EXT_FLOAT32_MATH=3xtf32; FFMA for every dtype before sm_80,
+// half inputs converted to float32 as the tiles load),
 //   S = Q X^T,  P = exp(S * s - m) * s / s_max (online softmax),  acc = acc * alpha + P X,
 // leaving (m, l, s_max * acc) per chunk and row in a float32 workspace. s_max, the largest
 // scale the chunk has seen so far, keeps P <= 1: 1/phi alone overflows fp16 for phi < 1.5e-5.
@@ -31,6 +32,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -46,7 +49,7 @@ constexpr int64_t kMinChunk = 256;   // smaller chunks cost more workspace than 
 constexpr double kTargetBlocks = 512;  // ~2 waves of 2 blocks on each of an H100's 132 SMs
 constexpr size_t kTwoBlocksSmem = 110 * 1024;
 
-enum class Math { kFFMA, kTF32, kHalf };
+enum class Math { kFFMA, kTF32, k3xTF32, kHalf };
 
 struct TermDesc {
   const void* src;        // [rows, D] contiguous, the input dtype
@@ -174,27 +177,100 @@ struct Mma<T, Math::kHalf> {
 template <>  // float on TF32 tensor cores: m16n8k8, operands rounded to nearest on load
 struct Mma<float, Math::kTF32> {
   static constexpr int kK = 8;
-  struct A { uint32_t r[4]; };
-  struct B { uint32_t r[2]; };
+  template <int N>
+  struct Frag { uint32_t r[N]; };
+  using A = Frag<4>;
+  using B = Frag<2>;
   static __device__ __forceinline__ uint32_t tf32(float x) {
     uint32_t r = 0;
     asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
     return r;
   }
-  static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
+  // Each fragment's elements in float32, where mma.sync's layout takes them from; the loaders
+  // round them to TF32, Mma<float, Math::k3xTF32> splits them into two TF32 terms.
+  static __device__ __forceinline__ void a_elems(float (&v)[4], const float* s, int ld, int g,
+                                                 int t) {
     const float* p = s + g * ld + t;
-    return {{tf32(p[0]), tf32(p[8 * ld]), tf32(p[4]), tf32(p[8 * ld + 4])}};
+    v[0] = p[0], v[1] = p[8 * ld], v[2] = p[4], v[3] = p[8 * ld + 4];
+  }
+  static __device__ __forceinline__ void b_kc_elems(float (&v)[2], const float* s, int ld, int g,
+                                                    int t) {
+    const float* p = s + g * ld + t;
+    v[0] = p[0], v[1] = p[4];
+  }
+  static __device__ __forceinline__ void b_nc_elems(float (&v)[2], const float* s, int ld, int g,
+                                                    int t) {
+    const float* p = s + t * ld + g;
+    v[0] = p[0], v[1] = p[4 * ld];
+  }
+  template <int N>
+  static __device__ __forceinline__ Frag<N> round(const float (&v)[N]) {
+    Frag<N> f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) f.r[i] = tf32(v[i]);
+    return f;
+  }
+  static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
+    float v[4];
+    a_elems(v, s, ld, g, t);
+    return round(v);
   }
   static __device__ __forceinline__ B load_b_kc(const float* s, int ld, int g, int t) {
-    const float* p = s + g * ld + t;
-    return {{tf32(p[0]), tf32(p[4])}};
+    float v[2];
+    b_kc_elems(v, s, ld, g, t);
+    return round(v);
   }
   static __device__ __forceinline__ B load_b_nc(const float* s, int ld, int g, int t) {
-    const float* p = s + t * ld + g;
-    return {{tf32(p[0]), tf32(p[4 * ld])}};
+    float v[2];
+    b_nc_elems(v, s, ld, g, t);
+    return round(v);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const A& a, const B& b) {
     PCL_EXT_MMA("m16n8k8.row.col.f32.tf32.tf32.f32", c, a, b);
+  }
+};
+
+// float32 accuracy from TF32 tensor cores (3xTF32, as CUTLASS's fast-float32 GEMMs): each
+// operand is big + small, two TF32 numbers (x - big - small is within 2^-22 |x|), and a b is
+// a_small b_big + a_big b_small + a_big b_big (the dropped a_small b_small is ~2^-22 |a b|),
+// the small products first so that they are not lost against the big one.
+template <>
+struct Mma<float, Math::k3xTF32> {
+  using TF32 = Mma<float, Math::kTF32>;
+  static constexpr int kK = 8;
+  template <int N>
+  struct Frag { TF32::Frag<N> big, small; };
+  using A = Frag<4>;
+  using B = Frag<2>;
+  template <int N>
+  static __device__ __forceinline__ Frag<N> split(const float (&v)[N]) {
+    Frag<N> f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      f.big.r[i] = TF32::tf32(v[i]);
+      f.small.r[i] = TF32::tf32(v[i] - __uint_as_float(f.big.r[i]));
+    }
+    return f;
+  }
+  static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
+    float v[4];
+    TF32::a_elems(v, s, ld, g, t);
+    return split(v);
+  }
+  static __device__ __forceinline__ B load_b_kc(const float* s, int ld, int g, int t) {
+    float v[2];
+    TF32::b_kc_elems(v, s, ld, g, t);
+    return split(v);
+  }
+  static __device__ __forceinline__ B load_b_nc(const float* s, int ld, int g, int t) {
+    float v[2];
+    TF32::b_nc_elems(v, s, ld, g, t);
+    return split(v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const A& a, const B& b) {
+    TF32::mma(c, a.small, b.big);
+    TF32::mma(c, a.big, b.small);
+    TF32::mma(c, a.big, b.big);
   }
 };
 
@@ -618,16 +694,23 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t n = q.size(0), d = q.size(1);
   const size_t elem = q.element_size();
 
-  // Tensor cores from compute capability 8.0 on (for float32 only where torch's own float32
-  // matmuls may use TF32: the resolved precision setting), FFMA in float32 otherwise; the
-  // device code compiles exactly these pairs (compiled_here).
+  // Tensor cores from compute capability 8.0 on, FFMA in float32 otherwise; the device code
+  // compiles exactly these pairs (compiled_here). float32 takes TF32 where torch's own float32
+  // matmuls may (the resolved precision setting), else FFMA or, on request, 3xTF32: float32
+  // accuracy from tensor cores, an option until a GPU measures its speed against FFMA.
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
                                                          at::Float32Op::MATMUL) ==
                     at::Float32Precision::TF32;
+  const char* f32_math = std::getenv("PCL_EXT_FLOAT32_MATH");
+  const std::string_view f32_mode = f32_math != nullptr ? f32_math : "";
+  TORCH_CHECK_VALUE(f32_mode.empty() || f32_mode == "ffma" || f32_mode == "3xtf32",
+                    "proto_nce: the environment variable PCL_EXT_FLOAT32_MATH must be unset, "
+                    "\"ffma\" or \"3xtf32\", got \"", f32_mode, "\"");
   const Math math = prop->major < 8         ? Math::kFFMA
                     : dtype != at::kFloat ? Math::kHalf
                     : tf32                  ? Math::kTF32
+                    : f32_mode == "3xtf32"  ? Math::k3xTF32
                                             : Math::kFFMA;
   const size_t tile_elem = math == Math::kFFMA ? sizeof(float) : elem;
 
@@ -727,13 +810,16 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   void* out = loss.data_ptr();
-  // TF32 rounds the tiles' inputs to 10 stored mantissa bits (fp16/bf16 products are exact);
-  // tensor cores' adders may truncate: twice float32's unit roundoff.
-  p.hit_tol = static_cast<float>(hit_tolerance(math == Math::kTF32 ? 0x1p-11 : 0.0,
-                                               math == Math::kFFMA ? 0x1p-24 : 0x1p-23, d));
+  // TF32 rounds the tiles' inputs to 10 stored mantissa bits, 3xTF32 leaves 2^-22 of each and
+  // drops a product as small (fp16/bf16 products are exact); tensor cores' adders may
+  // truncate: twice float32's unit roundoff.
+  const double u_in = math == Math::kTF32 ? 0x1p-11 : math == Math::k3xTF32 ? 0x1p-21 : 0.0;
+  p.hit_tol = static_cast<float>(hit_tolerance(u_in, math == Math::kFFMA ? 0x1p-24 : 0x1p-23, d));
   decltype(&launch<float, Math::kFFMA>) kernels;
   if (dtype == at::kFloat) {
-    kernels = math == Math::kTF32 ? launch<float, Math::kTF32> : launch<float, Math::kFFMA>;
+    kernels = math == Math::kTF32     ? launch<float, Math::kTF32>
+              : math == Math::k3xTF32 ? launch<float, Math::k3xTF32>
+                                      : launch<float, Math::kFFMA>;
   } else if (dtype == at::kHalf) {
     kernels = math == Math::kHalf ? launch<__half, Math::kHalf> : launch<__half, Math::kFFMA>;
   } else {
