@@ -5,10 +5,11 @@ Environment overrides:
   PCL_EXT_CUDA=1   require the CUDA kernels (fail if they cannot be built)
   PCL_EXT_DEBUG=1  -O0 -g
 Without a GPU, CUDA_HOME defaults to /usr/local/cuda (when it has nvcc) and
-TORCH_CUDA_ARCH_LIST to "9.0" so that the sources still compile.
+TORCH_CUDA_ARCH_LIST to the PORTABLE_CUDA_ARCHS that this nvcc can build, the last with PTX.
 """
 import glob
 import os
+import subprocess
 
 from setuptools import setup
 
@@ -17,6 +18,9 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+# One build for V100 (7.0), T4 (7.5), A100 (8.0) and H100 (9.0, with PTX for newer GPUs) when
+# no GPU is visible; CUDA 13's nvcc no longer builds 7.0. CMakeLists.txt reads this line too.
+PORTABLE_CUDA_ARCHS = "7.0;7.5;8.0;9.0"
 # The trainer's and evaluation's libraries (the ops themselves need only torch).
 TRAIN_REQUIRES = ["torchvision", "scikit-learn", "faiss-cpu", "tqdm", "matplotlib"]
 
@@ -35,7 +39,11 @@ def want_cuda() -> bool:
             "PCL_EXT_CUDA=1 but CUDA kernels cannot be built: torch.version.cuda="
             f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}")
     if found and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        codes = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        archs = [a for a in PORTABLE_CUDA_ARCHS.split(";") if "sm_" + a.replace(".", "") in codes]
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs[:-1] + [archs[-1] + "+PTX"])
     return found
 
 

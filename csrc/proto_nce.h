@@ -15,6 +15,13 @@ namespace pcl_ext {
 // to the rounding between the tiled logits and the separately computed target logit.
 using ProtoNCEOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// `correct`'s tolerance per unit of s_t sum_c |q_c x_tc|, for GEMM inputs rounded to unit
+// roundoff u_in (0 when exact) and accumulators of unit roundoff u_acc: the rule and its
+// derivation are in the docstring of pcl_ext.proto_nce_with_accuracy.
+inline double hit_tolerance(double u_in, double u_acc, int64_t d) {
+  return 2.0 * (2.0 * u_in + static_cast<double>(d + 2) * u_acc);
+}
+
 ProtoNCEOut proto_nce_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue,
                           at::TensorList prototypes, at::TensorList phi,
                           at::TensorList assignments, at::TensorList negatives,

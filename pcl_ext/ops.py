@@ -68,8 +68,14 @@ def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
                             check_values: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`proto_nce` and, from the same pass, ``correct`` [1 + M, N] (bool): whether row
     ``i``'s target logit is its largest in the instance term (row 0) and in each clustering
-    (PCL's top-1 accuracies). A target tied with another column up to rounding counts as
-    correct; the instance target wins exact ties, as ``argmax`` does."""
+    (PCL's top-1 accuracies). Ties count as correct, up to rounding, by one rule on every
+    device: ``s_t >= max_{j != t} s_j - tol``, ``tol = 2 (2 u_in + (D + 2) u_acc) B``,
+    ``B = s_t sum_c |q_c x_tc|`` (``s`` the scaled logits, ``x_t`` the target column): twice
+    the rounding bound of one computed logit (D products and sums, then the scale), which a
+    tied column such as a duplicate id in sampled mode shares. ``u_in`` is the unit roundoff
+    of the GEMM inputs (2^-11 for TF32, else 0: exact) and ``u_acc`` that of the accumulators
+    (2^-53 for float64, 2^-24 for float32, 2^-23 on tensor cores, whose adders may truncate;
+    half precision computes in float32)."""
     prototypes, phi, assignments = list(prototypes), list(phi), list(assignments)
     negs = [] if negatives is None else list(negatives)
     if negatives is not None and len(negs) != len(prototypes):

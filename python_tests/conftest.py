@@ -6,6 +6,8 @@ import pcl_ext
 
 HAS_CUDA = torch.cuda.is_available() and pcl_ext._build_info.WITH_CUDA
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and a CUDA build of pcl_ext")
+two_gpus_only = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2,
+                                   reason="needs two GPUs and a CUDA build of pcl_ext")
 
 
 @pytest.fixture

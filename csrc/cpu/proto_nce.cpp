@@ -264,8 +264,8 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
   at::Tensor correct = at::empty({static_cast<int64_t>(terms.size()), n}, opts.dtype(at::kBool));
   bool* correct_p = correct.data_ptr<bool>();
   // The tiles' logits come from a GEMM, the target logit from a dot product: equal values may
-  // differ by rounding, which must not count a hit as a miss.
-  const T tol = 16 * std::numeric_limits<T>::epsilon() * static_cast<T>(d);
+  // differ by rounding, which must not count a hit as a miss. Inputs are exact (u_in = 0).
+  const T tol = static_cast<T>(hit_tolerance(0.0, std::numeric_limits<T>::epsilon() / 2, d));
   double loss = 0.0;
   std::vector<T> expect(d), target(d);
   for (size_t ti = 0; ti < terms.size(); ++ti) {
@@ -284,19 +284,20 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
         tscale = T(1) / t.phi[t.assign[i]];
         tcol = src + t.assign[i] * d;
       }
-      T tlogit = 0;
+      T tlogit = 0, tbound = 0;  // the logit and s_t sum_c |q_c x_tc|
       for (int64_t c = 0; c < d; ++c) {
         target[c] = tcol[c] * tscale;
-        tlogit += qi[c] * target[c];
+        const T v = qi[c] * target[c];
+        tlogit += v;
+        tbound += std::abs(v);
       }
       T col_max = -std::numeric_limits<T>::infinity();
       for (int64_t ci = 0; ci < nchunks; ++ci) {
         if (chunks[ci].term == ti) col_max = std::max(col_max, row_max[ci * n + i]);
       }
-      // The instance target is its own column (first, so it wins ties, as argmax does).
-      correct_p[ti * n + i] = t.assign == nullptr
-                                  ? tlogit >= col_max
-                                  : tlogit >= col_max - tol * std::max(T(1), std::abs(col_max));
+      // A prototype term's col_max also holds the target's tiled logit, within tol of tlogit:
+      // the comparison is with the other columns, as on CUDA, which leaves the target out.
+      correct_p[ti * n + i] = tlogit >= col_max - tol * tbound;
       const T mx = t.assign == nullptr ? std::max(tlogit, col_max) : col_max;
       T sum = 0;
       std::fill(expect.begin(), expect.end(), T(0));

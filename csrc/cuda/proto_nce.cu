@@ -4,11 +4,17 @@
 // scale s_j (1/T for the queue, 1/phi for prototypes). Flash-Decoding split: the columns of all
 // terms are cut into chunks whose bounds depend only on the shapes, and one launch over
 // (row block x chunk) streams column tiles through two GEMMs (mma.sync tensor cores for fp16,
-// bf16 and TF32-allowed float32; FFMA in the same tile layout for IEEE float32),
-//   S = Q X^T,  P = exp(S * s - m) * s (online softmax),  acc = acc * alpha + P X,
-// leaving (m, l, acc) per chunk and row in a float32 workspace. A combine launch merges the
-// chunks of each term in chunk order, adds the instance term's per-row positive column and the
-// target logits, and writes dq, dk and one loss per row; a one-block launch sums the rows.
+// bf16 and TF32-allowed float32 from sm_80 on; FFMA in the same tile layout for IEEE float32,
+// or 3xTF32 tensor cores if PCL_EXT_FLOAT32_MATH=3xtf32; FFMA for every dtype before sm_80,
+// half inputs converted to float32 as the tiles load),
+//   S = Q X^T,  P = exp(S * s - m) * s / s_max (online softmax),  acc = acc * alpha + P X,
+// leaving (m, l, s_max * acc) per chunk and row in a float32 workspace. s_max, the largest
+// scale the chunk has seen so far, keeps P <= 1: 1/phi alone overflows fp16 for phi < 1.5e-5.
+// Each row's target column (k_i, or its cluster's prototype) stays out of the tiles: a combine
+// launch merges the chunks of each term in chunk order, adds the target in float32, and writes
+// dq, dk and one loss per row; a one-block launch sums the rows. With the target apart,
+//   dq = sum_{j != t} p_j x_j s_j - (1 - p_t) x_t s_t
+// keeps its accuracy as p_t -> 1, where p_t x_t s_t - x_t s_t from a rounded P would cancel.
 // No atomics and fixed reduction orders: the same inputs give the same bits.
 #include "../proto_nce.h"
 
@@ -26,6 +32,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -41,7 +49,7 @@ constexpr int64_t kMinChunk = 256;   // smaller chunks cost more workspace than 
 constexpr double kTargetBlocks = 512;  // ~2 waves of 2 blocks on each of an H100's 132 SMs
 constexpr size_t kTwoBlocksSmem = 110 * 1024;
 
-enum class Math { kFFMA, kTF32, kHalf };
+enum class Math { kFFMA, kTF32, k3xTF32, kHalf };
 
 struct TermDesc {
   const void* src;        // [rows, D] contiguous, the input dtype
@@ -63,7 +71,7 @@ struct Params {
   float* ws_ml;     // [chunks, N, 2]: running max, running sum
   float* row_loss;  // [N]
   bool* correct;    // [nterms, N]
-  float hit_tol;    // relative rounding allowed between tiled logits and the target logit
+  float hit_tol;    // `correct`'s tolerance per unit of s_t sum_c |q_c x_tc| (hit_tolerance)
   int64_t n, chunk_cols;
   int d, dp, bm, bn, ldx, ldp, lds, nterms;
   float inv_t;
@@ -81,23 +89,36 @@ __device__ __forceinline__ T from_f(float x) {
   else return x;
 }
 
-// mma.sync with bf16/tf32, ldmatrix and cp.async need sm_80; the host checks the device, and an
-// older target in the build list compiles to a trap instead of failing the whole build.
-// PCL_EXT_ASM touches memory (kept in order with the barriers), PCL_EXT_ALU only registers.
+// mma.sync with bf16/tf32 and cp.async need sm_80. Older targets in the build list (sm_70,
+// sm_75) compile only the FFMA kernels (compiled_here), which issue neither: the tensor-core
+// operands below exist from sm_80 on, and the cp.async helpers, which the FFMA kernels name in
+// branches they discard there, compile to a trap. PCL_EXT_ASM touches memory (kept in order
+// with the barriers).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PCL_EXT_SM80 0
 #define PCL_EXT_ASM(...) __trap()
-#define PCL_EXT_ALU(...) __trap()
 #else
+#define PCL_EXT_SM80 1
 #define PCL_EXT_ASM(...) asm volatile(__VA_ARGS__)
-#define PCL_EXT_ALU(...) asm(__VA_ARGS__)
 #endif
-#define PCL_EXT_MMA(shape_types, c, a, b)                                                       \
-  PCL_EXT_ALU("mma.sync.aligned." shape_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "        \
-              "{%0,%1,%2,%3};\n"                                                                \
-              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
-              : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+// The host launches tensor cores (kTF32, kHalf) from compute capability 8.0 on and FFMA below,
+// for every dtype, and FFMA on sm_80+ for float32 only (`math` in proto_nce_cuda): each target
+// compiles those kernels and a trap for the others.
+template <typename T, Math M>
+__device__ constexpr bool compiled_here() {
+  return PCL_EXT_SM80 ? M != Math::kFFMA || std::is_same_v<T, float> : M == Math::kFFMA;
+}
+
+// Shared-memory tiles hold what the GEMMs read: the input dtype on tensor cores, float32 for
+// FFMA (half inputs convert as they load, so they load with plain instructions, not cp.async).
+template <typename T, Math M>
+using TileT = std::conditional_t<M == Math::kFFMA, float, T>;
+template <typename T, typename S>
+constexpr bool kAsyncLoads = std::is_same_v<T, S> && PCL_EXT_SM80;
+
+[[maybe_unused]] __device__ __forceinline__ void cp_async16(void* dst, const void* src,
+                                                              int src_bytes) {
   // src_bytes = 0 zero-fills: padding columns and bad ids must read as 0, never garbage.
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   PCL_EXT_ASM("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
@@ -115,6 +136,12 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // s[r * ld + k]); B either k-contiguous (B[k][n] at s[n * ld + k]) or n-contiguous (s[k * ld + n]).
 template <typename T, Math M>
 struct Mma;
+
+#if PCL_EXT_SM80
+#define PCL_EXT_MMA(shape_types, c, a, b)                                                       \
+  asm("mma.sync.aligned." shape_types " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]))
 
 template <typename T>  // __half / __nv_bfloat16: m16n8k16
 struct Mma<T, Math::kHalf> {
@@ -150,29 +177,104 @@ struct Mma<T, Math::kHalf> {
 template <>  // float on TF32 tensor cores: m16n8k8, operands rounded to nearest on load
 struct Mma<float, Math::kTF32> {
   static constexpr int kK = 8;
-  struct A { uint32_t r[4]; };
-  struct B { uint32_t r[2]; };
+  template <int N>
+  struct Frag { uint32_t r[N]; };
+  using A = Frag<4>;
+  using B = Frag<2>;
   static __device__ __forceinline__ uint32_t tf32(float x) {
     uint32_t r = 0;
-    PCL_EXT_ALU("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
     return r;
   }
-  static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
+  // Each fragment's elements in float32, where mma.sync's layout takes them from; the loaders
+  // round them to TF32, Mma<float, Math::k3xTF32> splits them into two TF32 terms.
+  static __device__ __forceinline__ void a_elems(float (&v)[4], const float* s, int ld, int g,
+                                                 int t) {
     const float* p = s + g * ld + t;
-    return {{tf32(p[0]), tf32(p[8 * ld]), tf32(p[4]), tf32(p[8 * ld + 4])}};
+    v[0] = p[0], v[1] = p[8 * ld], v[2] = p[4], v[3] = p[8 * ld + 4];
+  }
+  static __device__ __forceinline__ void b_kc_elems(float (&v)[2], const float* s, int ld, int g,
+                                                    int t) {
+    const float* p = s + g * ld + t;
+    v[0] = p[0], v[1] = p[4];
+  }
+  static __device__ __forceinline__ void b_nc_elems(float (&v)[2], const float* s, int ld, int g,
+                                                    int t) {
+    const float* p = s + t * ld + g;
+    v[0] = p[0], v[1] = p[4 * ld];
+  }
+  template <int N>
+  static __device__ __forceinline__ Frag<N> round(const float (&v)[N]) {
+    Frag<N> f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) f.r[i] = tf32(v[i]);
+    return f;
+  }
+  static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
+    float v[4];
+    a_elems(v, s, ld, g, t);
+    return round(v);
   }
   static __device__ __forceinline__ B load_b_kc(const float* s, int ld, int g, int t) {
-    const float* p = s + g * ld + t;
-    return {{tf32(p[0]), tf32(p[4])}};
+    float v[2];
+    b_kc_elems(v, s, ld, g, t);
+    return round(v);
   }
   static __device__ __forceinline__ B load_b_nc(const float* s, int ld, int g, int t) {
-    const float* p = s + t * ld + g;
-    return {{tf32(p[0]), tf32(p[4 * ld])}};
+    float v[2];
+    b_nc_elems(v, s, ld, g, t);
+    return round(v);
   }
   static __device__ __forceinline__ void mma(float (&c)[4], const A& a, const B& b) {
     PCL_EXT_MMA("m16n8k8.row.col.f32.tf32.tf32.f32", c, a, b);
   }
 };
+
+// float32 accuracy from TF32 tensor cores (3xTF32, as CUTLASS's fast-float32 GEMMs): each
+// operand is big + small, two TF32 numbers (x - big - small is within 2^-22 |x|), and a b is
+// a_small b_big + a_big b_small + a_big b_big (the dropped a_small b_small is ~2^-22 |a b|),
+// the small products first so that they are not lost against the big one.
+template <>
+struct Mma<float, Math::k3xTF32> {
+  using TF32 = Mma<float, Math::kTF32>;
+  static constexpr int kK = 8;
+  template <int N>
+  struct Frag { TF32::Frag<N> big, small; };
+  using A = Frag<4>;
+  using B = Frag<2>;
+  template <int N>
+  static __device__ __forceinline__ Frag<N> split(const float (&v)[N]) {
+    Frag<N> f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      f.big.r[i] = TF32::tf32(v[i]);
+      f.small.r[i] = TF32::tf32(v[i] - __uint_as_float(f.big.r[i]));
+    }
+    return f;
+  }
+  static __device__ __forceinline__ A load_a(const float* s, int ld, int g, int t) {
+    float v[4];
+    TF32::a_elems(v, s, ld, g, t);
+    return split(v);
+  }
+  static __device__ __forceinline__ B load_b_kc(const float* s, int ld, int g, int t) {
+    float v[2];
+    TF32::b_kc_elems(v, s, ld, g, t);
+    return split(v);
+  }
+  static __device__ __forceinline__ B load_b_nc(const float* s, int ld, int g, int t) {
+    float v[2];
+    TF32::b_nc_elems(v, s, ld, g, t);
+    return split(v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const A& a, const B& b) {
+    TF32::mma(c, a.small, b.big);
+    TF32::mma(c, a.big, b.small);
+    TF32::mma(c, a.big, b.big);
+  }
+};
+
+#endif  // PCL_EXT_SM80
 
 template <>  // float in IEEE FP32 (TF32 not allowed): the same tiles and C layout, FFMA inside
 struct Mma<float, Math::kFFMA> {
@@ -223,10 +325,11 @@ __device__ __forceinline__ int64_t column_row(const TermDesc& td, int64_t col) {
   return r >= 0 && r < td.rows ? r : -1;
 }
 
-// Columns [c0, c0 + tc) of a term into a [bn, ldx] tile (rows >= tc and elements >= d are 0)
-// and their scales into sscale (0 past tc; NaN for a bad id, so that its row turns NaN).
-template <typename T>
-__device__ void load_columns(T* sx, float* sscale, const TermDesc& td, const Params& p,
+// Columns [c0, c0 + tc) of a term (dtype T) into a [bn, ldx] tile of S (rows >= tc and
+// elements >= d are 0) and their scales into sscale (0 past tc; NaN for a bad id, so that its
+// row turns NaN).
+template <typename T, typename S>
+__device__ void load_columns(S* sx, float* sscale, const TermDesc& td, const Params& p,
                              int64_t c0, int tc) {
   const T* src = static_cast<const T*>(td.src);
   if (td.vec) {
@@ -236,13 +339,21 @@ __device__ void load_columns(T* sx, float* sscale, const TermDesc& td, const Par
       const int j = idx / per_row, e0 = (idx - j * per_row) * kPer;
       const int64_t row = j < tc ? column_row(td, c0 + j) : -1;
       const bool ok = row >= 0 && e0 < p.d;  // d * sizeof(T) % 16 == 0: all 16 bytes or none
-      cp_async16(sx + j * p.ldx + e0, ok ? src + row * p.d + e0 : src, ok ? 16 : 0);
+      if constexpr (kAsyncLoads<T, S>) {
+        cp_async16(sx + j * p.ldx + e0, ok ? src + row * p.d + e0 : src, ok ? 16 : 0);
+      } else {  // the same 16 bytes through registers, converted to the tile type
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (ok) v = *reinterpret_cast<const uint4*>(src + row * p.d + e0);
+        const T* vt = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) sx[j * p.ldx + e0 + e] = from_f<S>(to_f(vt[e]));
+      }
     }
   } else {
     for (int idx = threadIdx.x; idx < p.bn * p.dp; idx += kThreads) {
       const int j = idx / p.dp, e = idx - j * p.dp;
       const int64_t row = j < tc ? column_row(td, c0 + j) : -1;
-      sx[j * p.ldx + e] = row >= 0 && e < p.d ? src[row * p.d + e] : from_f<T>(0.0f);
+      sx[j * p.ldx + e] = from_f<S>(row >= 0 && e < p.d ? to_f(src[row * p.d + e]) : 0.0f);
     }
   }
   for (int j = threadIdx.x; j < p.bn; j += kThreads) {
@@ -259,14 +370,14 @@ __device__ void load_columns(T* sx, float* sscale, const TermDesc& td, const Par
 // w % (bm / 16) and every (8 / (bm / 16))-th 8-column tile of S and of acc: NA bounds the acc
 // tiles per warp at compile time (dp / (8 * warps per slice) of them are live).
 template <typename T, Math M, int NA>
-__global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
-    proto_nce_chunk_kernel(const __grid_constant__ Params p) {
-  using Op = Mma<T, M>;
+__device__ __forceinline__ void chunk_tiles(const Params& p) {
+  using S = TileT<T, M>;
+  using Op = Mma<S, M>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int bm = p.bm, bn = p.bn, ldx = p.ldx, ldp = p.ldp, lds = p.lds;
-  T* sq = reinterpret_cast<T*>(smem);
-  T* sx = sq + bm * ldx;        // two column-tile buffers: load tile i + 1 while computing tile i
-  T* sp = sx + 2 * bn * ldx;    // P = exp(S * s - m) * s in the GEMM input type
+  S* sq = reinterpret_cast<S*>(smem);
+  S* sx = sq + bm * ldx;        // two column-tile buffers: load tile i + 1 while computing tile i
+  S* sp = sx + 2 * bn * ldx;    // P = exp(S * s - m) * s / s_max in the GEMM input type
   float* ss = reinterpret_cast<float*>(sp + bm * ldp);
   float* sscale = ss + bm * lds;  // two buffers, like sx
   float* salpha = sscale + 2 * bn;
@@ -280,12 +391,13 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
   const int ntiles = int((cend - cbeg + bn - 1) / bn);
   const int64_t row0 = int64_t(blockIdx.x) * bm;
 
-  load_columns(sx, sscale, td, p, cbeg, int(std::min<int64_t>(bn, cend - cbeg)));
-  cp_async_commit();
+  load_columns<T>(sx, sscale, td, p, cbeg, int(std::min<int64_t>(bn, cend - cbeg)));
+  if constexpr (kAsyncLoads<T, S>) cp_async_commit();
   const T* q = static_cast<const T*>(p.q);
   for (int idx = threadIdx.x; idx < bm * p.dp; idx += kThreads) {
     const int r = idx / p.dp, e = idx - r * p.dp;
-    sq[r * ldx + e] = row0 + r < p.n && e < p.d ? q[(row0 + r) * p.d + e] : from_f<T>(0.0f);
+    sq[r * ldx + e] =
+        from_f<S>(row0 + r < p.n && e < p.d ? to_f(q[(row0 + r) * p.d + e]) : 0.0f);
   }
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
@@ -296,19 +408,26 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
   const int tpr = kThreads / bm;  // softmax: tpr consecutive lanes share one row
   const int srow = threadIdx.x / tpr, ssub = threadIdx.x % tpr;
   float m_run = -INFINITY, l_run = 0.0f;
+  float s_run = 0.0f;  // largest scale so far: the same in every thread (all rows see all columns)
+  // The row's own target column, left to the combine: column i in sampled mode, a_i in
+  // all-prototype mode (an id outside [0, K) matches no column), none for the instance term.
+  const int64_t grow = row0 + srow;
+  const int64_t target_col = td.assign == nullptr || grow >= p.n ? -1
+                             : td.ids != nullptr               ? grow
+                                                               : td.assign[grow];
 
   for (int it = 0; it < ntiles; ++it) {
     const int buf = it & 1;
     const int64_t c0 = cbeg + int64_t(it) * bn;
     const int tc = int(std::min<int64_t>(bn, cend - c0));
-    cp_async_wait_all();
+    if constexpr (kAsyncLoads<T, S>) cp_async_wait_all();
     __syncthreads();  // tile `it` landed; every warp is done with tile it - 1 (and buffer buf^1)
     if (it + 1 < ntiles) {
-      load_columns(sx + (buf ^ 1) * bn * ldx, sscale + (buf ^ 1) * bn, td, p, c0 + bn,
-                   int(std::min<int64_t>(bn, cend - c0 - bn)));
-      cp_async_commit();
+      load_columns<T>(sx + (buf ^ 1) * bn * ldx, sscale + (buf ^ 1) * bn, td, p, c0 + bn,
+                      int(std::min<int64_t>(bn, cend - c0 - bn)));
+      if constexpr (kAsyncLoads<T, S>) cp_async_commit();
     }
-    const T* xb = sx + buf * bn * ldx;
+    const S* xb = sx + buf * bn * ldx;
     const float* sc = sscale + buf * bn;
 
     {  // S = Q X^T over the padded D (zeros past d)
@@ -335,25 +454,38 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
 
     {  // online softmax of the tile's logits, one row per tpr lanes
       const float* srow_s = ss + srow * lds;
-      float mx = -INFINITY;  // fmaxf skips NaN: a bad column poisons the row through its exp
-      for (int c = ssub; c < tc; c += tpr) mx = fmaxf(mx, srow_s[c] * sc[c]);
-      for (int o = tpr / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_new = fmaxf(m_run, mx);
-      const float alpha = expf(m_run - m_new);  // 0 on the first tile
+      const int64_t skip = target_col - c0;
+      // fmaxf skips NaN: a bad column poisons the row through its exp, not through the max.
+      float mx = -INFINITY, smax = 0.0f;
+      for (int c = ssub; c < tc; c += tpr) {
+        if (c != skip) mx = fmaxf(mx, srow_s[c] * sc[c]);
+        smax = fmaxf(smax, sc[c]);
+      }
+      for (int o = tpr / 2; o > 0; o /= 2) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, o));
+      }
+      const float m_new = fmaxf(m_run, mx), s_new = fmaxf(s_run, smax);
+      // 0 on the first tile; 1 while every column so far was the target (m still -inf)
+      const float alpha = m_new == m_run ? 1.0f : expf(m_run - m_new);
+      const float inv_s = 1.0f / s_new;
       float sum = 0.0f;
       for (int c = ssub; c < bn; c += tpr) {
         float pv = 0.0f;
-        if (c < tc) {
+        if (c < tc && c != skip) {
           const float e = expf(srow_s[c] * sc[c] - m_new);
           sum += e;
-          pv = e * sc[c];
+          pv = e * (sc[c] * inv_s);  // <= 1: representable in every GEMM input type
         }
-        sp[srow * ldp + c] = from_f<T>(pv);
+        sp[srow * ldp + c] = from_f<S>(pv);
       }
       for (int o = tpr / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       l_run = l_run * alpha + sum;
       m_run = m_new;
-      if (ssub == 0) salpha[srow] = alpha;
+      // acc was scaled by 1/s_run: move it to the new max and scale (s_run = 0 on the first tile,
+      // where acc is still 0).
+      if (ssub == 0) salpha[srow] = alpha * (s_run * inv_s);
+      s_run = s_new;
     }
     __syncthreads();
 
@@ -390,10 +522,17 @@ __global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
       const int r = slice * 16 + g + 8 * h;
       if (row0 + r >= p.n) continue;
       float* o = p.ws_acc + (ws_row + r) * p.d + col;
-      o[0] = acc[f][2 * h];
-      if (col + 1 < p.d) o[1] = acc[f][2 * h + 1];
+      o[0] = acc[f][2 * h] * s_run;  // float32 from here on: the scale back in full
+      if (col + 1 < p.d) o[1] = acc[f][2 * h + 1] * s_run;
     }
   }
+}
+
+template <typename T, Math M, int NA>
+__global__ void __launch_bounds__(kThreads, NA <= 8 ? 2 : 1)
+    proto_nce_chunk_kernel(const __grid_constant__ Params p) {
+  if constexpr (compiled_here<T, M>()) chunk_tiles<T, M, NA>(p);
+  else __trap();
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -401,12 +540,15 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// One block per row: merge each term's chunks in chunk order, then dq, dk and the row's loss.
+// One block per row: merge each term's chunks in chunk order, add the target column, then dq,
+// dk and the row's loss.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
     const __grid_constant__ Params p) {
   extern __shared__ float sf[];  // exp(m_chunk - m_term), per chunk
-  __shared__ float s_inv_sum[kMaxTerms], s_scale[kMaxTerms], s_pos[kMaxTerms], s_loss[kMaxTerms];
+  // 1 / sum and rest = 1 - p_t: the sum over the other columns over the whole sum, not 1 - p_t
+  // itself, which rounds to 0 as p_t -> 1.
+  __shared__ float s_inv_sum[kMaxTerms], s_scale[kMaxTerms], s_rest[kMaxTerms], s_loss[kMaxTerms];
   __shared__ int64_t s_row[kMaxTerms];
   const int64_t i = blockIdx.x, n = p.n;
   const int d = p.d, lane = threadIdx.x % 32;
@@ -426,11 +568,16 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
       col = row >= 0 ? static_cast<const T*>(td.src) + row * d : nullptr;
       scale = row >= 0 ? 1.0f / td.phi[row] : nan;
     }
-    float dot = 0.0f;
+    float dot = 0.0f, mag = 0.0f;
     if (col != nullptr) {
-      for (int c = lane; c < d; c += 32) dot += to_f(q[c]) * to_f(col[c]);
+      for (int c = lane; c < d; c += 32) {
+        const float v = to_f(q[c]) * to_f(col[c]);
+        dot += v;
+        mag += fabsf(v);
+      }
     }
     const float target = warp_sum(dot) * scale;
+    const float bound = warp_sum(mag) * scale;
     float col_max = -INFINITY;
     for (int c = lane; c < td.nchunks; c += 32) {
       col_max = fmaxf(col_max, p.ws_ml[((td.chunk0 + c) * n + i) * 2]);
@@ -438,27 +585,23 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
     for (int o = 16; o > 0; o /= 2) {
       col_max = fmaxf(col_max, __shfl_xor_sync(0xffffffffu, col_max, o));
     }
-    const float mx = inst ? fmaxf(target, col_max) : col_max;
-    float sum = 0.0f;
+    const float mx = fmaxf(target, col_max);
+    float rest = 0.0f;
     for (int c = lane; c < td.nchunks; c += 32) {
       const float* ml = p.ws_ml + ((td.chunk0 + c) * n + i) * 2;
       const float f = expf(ml[0] - mx);
       sf[td.chunk0 + c] = f;
-      sum += ml[1] * f;
+      rest += ml[1] * f;
     }
-    sum = warp_sum(sum);
-    const float pos = inst ? expf(target - mx) : 0.0f;  // the positive key is row i's own column
-    sum += pos;
+    rest = warp_sum(rest);
+    const float sum = rest + expf(target - mx);
     if (lane == 0) {
       s_inv_sum[t] = 1.0f / sum;
+      s_rest[t] = rest / sum;
       s_scale[t] = scale;
-      s_pos[t] = pos;
       s_row[t] = row;
       s_loss[t] = td.coef * (mx + logf(sum) - target);
-      // The instance target is its own column (first: it wins ties, as argmax does).
-      p.correct[t * n + i] =
-          inst ? target >= col_max
-               : target >= col_max - p.hit_tol * fmaxf(1.0f, fabsf(col_max));
+      p.correct[t * n + i] = target >= col_max - p.hit_tol * bound;  // col_max: the others
     }
   }
   __syncthreads();
@@ -478,13 +621,12 @@ __global__ void __launch_bounds__(kCombineThreads) proto_nce_combine_kernel(
       float target;
       if (td.assign == nullptr) {
         target = to_f(k[c]) * s_scale[t];
-        e += target * s_pos[t];
-        gk = td.coef * (s_pos[t] * s_inv_sum[t] - 1.0f) * p.inv_t * to_f(q[c]);
+        gk = -td.coef * s_rest[t] * p.inv_t * to_f(q[c]);
       } else {
         target = s_row[t] >= 0 ? to_f(static_cast<const T*>(td.src)[s_row[t] * d + c]) * s_scale[t]
                                : nan;
       }
-      gq += td.coef * (e * s_inv_sum[t] - target);
+      gq += td.coef * (e * s_inv_sum[t] - target * s_rest[t]);
     }
     static_cast<T*>(p.dq)[i * d + c] = from_f<T>(gq);
     static_cast<T*>(p.dk)[i * d + c] = from_f<T>(gk);
@@ -552,33 +694,54 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t n = q.size(0), d = q.size(1);
   const size_t elem = q.element_size();
 
-  // Tiles: the largest row block whose accumulator fits 8 (else 16) 8-column tiles per warp,
-  // then the widest column tile that leaves room for two blocks per SM (else one).
-  int bm = 0, dp = 0, na = 0;
+  // Tensor cores from compute capability 8.0 on, FFMA in float32 otherwise; the device code
+  // compiles exactly these pairs (compiled_here). float32 takes TF32 where torch's own float32
+  // matmuls may (the resolved precision setting), else FFMA or, on request, 3xTF32: float32
+  // accuracy from tensor cores, an option until a GPU measures its speed against FFMA.
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                                         at::Float32Op::MATMUL) ==
+                    at::Float32Precision::TF32;
+  const char* f32_math = std::getenv("PCL_EXT_FLOAT32_MATH");
+  const std::string_view f32_mode = f32_math != nullptr ? f32_math : "";
+  TORCH_CHECK_VALUE(f32_mode.empty() || f32_mode == "ffma" || f32_mode == "3xtf32",
+                    "proto_nce: the environment variable PCL_EXT_FLOAT32_MATH must be unset, "
+                    "\"ffma\" or \"3xtf32\", got \"", f32_mode, "\"");
+  const Math math = prop->major < 8         ? Math::kFFMA
+                    : dtype != at::kFloat ? Math::kHalf
+                    : tf32                  ? Math::kTF32
+                    : f32_mode == "3xtf32"  ? Math::k3xTF32
+                                            : Math::kFFMA;
+  const size_t tile_elem = math == Math::kFFMA ? sizeof(float) : elem;
+
+  // Tiles: the largest row block whose accumulator fits 8 (else 16) 8-column tiles per warp and
+  // whose tiles fit in shared memory, with the widest column tile that leaves room for two
+  // blocks per SM (else one). Smaller row blocks need less: they serve D = 256 in float32 on a
+  // T4's 64 KB.
+  const size_t smem_limit = prop->sharedMemPerBlockOptin;
+  int bm = 0, bn = 0, dp = 0, na = 0;
+  bool fits_registers = false;
   for (int cand : {64, 32, 16}) {
     const int wpn = kWarps / (cand / 16);
     const int cdp = int(round_up(d, 8 * wpn));
     const int cna = cdp / (8 * wpn);
-    if (cna <= 8 || (cand == 16 && cna <= 16)) {
+    if (cna > (cand == 16 ? 16 : 8)) continue;
+    fits_registers = true;
+    for (size_t budget : {std::min(kTwoBlocksSmem, smem_limit), smem_limit}) {
+      for (int cbn : {64, 32, 16}) {
+        if (bn == 0 && smem_bytes(cand, cbn, cdp, tile_elem) <= budget) bn = cbn;
+      }
+    }
+    if (bn > 0) {
       bm = cand, dp = cdp, na = cna;
       break;
     }
   }
-  TORCH_CHECK_VALUE(bm > 0, "proto_nce: the CUDA kernel supports embedding dimensions up to "
-                    "1024, `q` has D = ", d);
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, "proto_nce: the CUDA kernel needs compute capability 8.0 or "
-              "newer (mma.sync, cp.async), got ", prop->major, ".", prop->minor);
-  const size_t smem_limit = prop->sharedMemPerBlockOptin;
-  int bn = 0;
-  for (size_t budget : {std::min(kTwoBlocksSmem, smem_limit), smem_limit}) {
-    for (int cand : {64, 32, 16}) {
-      if (bn == 0 && smem_bytes(bm, cand, dp, elem) <= budget) bn = cand;
-    }
-  }
-  TORCH_CHECK_VALUE(bn > 0, "proto_nce: `q` has D = ", d, ", too large for the shared memory "
+  TORCH_CHECK_VALUE(fits_registers, "proto_nce: the CUDA kernel supports embedding dimensions "
+                    "up to 1024, `q` has D = ", d);
+  TORCH_CHECK_VALUE(bm > 0, "proto_nce: `q` has D = ", d, ", too large for the shared memory "
                     "of this GPU (", smem_limit, " bytes per block)");
-  const size_t smem = smem_bytes(bm, bn, dp, elem);
+  const size_t smem = smem_bytes(bm, bn, dp, tile_elem);
 
   Params p{};
   std::vector<at::Tensor> keep;  // owners of the contiguous copies the term table points into
@@ -640,28 +803,30 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.dp = dp;
   p.bm = bm;
   p.bn = bn;
-  p.ldx = dp + static_cast<int>(16 / elem);
-  p.ldp = bn + static_cast<int>(16 / elem);
+  p.ldx = dp + static_cast<int>(16 / tile_elem);
+  p.ldp = bn + static_cast<int>(16 / tile_elem);
   p.lds = bn + 4;
   p.inv_t = static_cast<float>(1.0 / temperature);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   void* out = loss.data_ptr();
+  // TF32 rounds the tiles' inputs to 10 stored mantissa bits, 3xTF32 leaves 2^-22 of each and
+  // drops a product as small (fp16/bf16 products are exact); tensor cores' adders may
+  // truncate: twice float32's unit roundoff.
+  const double u_in = math == Math::kTF32 ? 0x1p-11 : math == Math::k3xTF32 ? 0x1p-21 : 0.0;
+  p.hit_tol = static_cast<float>(hit_tolerance(u_in, math == Math::kFFMA ? 0x1p-24 : 0x1p-23, d));
+  decltype(&launch<float, Math::kFFMA>) kernels;
   if (dtype == at::kFloat) {
-    // TF32 only where torch's own float32 matmuls may use it (the resolved precision setting).
-    const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
-                                                           at::Float32Op::MATMUL) ==
-                      at::Float32Precision::TF32;
-    p.hit_tol = tf32 ? 4e-3f : 1e-5f;  // TF32 rounds the tiles' inputs to 10 mantissa bits
-    if (tf32) launch<float, Math::kTF32>(p, na, smem, row_blocks, nchunks, out, stream);
-    else launch<float, Math::kFFMA>(p, na, smem, row_blocks, nchunks, out, stream);
+    kernels = math == Math::kTF32     ? launch<float, Math::kTF32>
+              : math == Math::k3xTF32 ? launch<float, Math::k3xTF32>
+                                      : launch<float, Math::kFFMA>;
   } else if (dtype == at::kHalf) {
-    p.hit_tol = 1e-5f;  // half inputs: the same products, summed in another order
-    launch<__half, Math::kHalf>(p, na, smem, row_blocks, nchunks, out, stream);
+    kernels = math == Math::kHalf ? launch<__half, Math::kHalf> : launch<__half, Math::kFFMA>;
   } else {
-    p.hit_tol = 1e-5f;
-    launch<__nv_bfloat16, Math::kHalf>(p, na, smem, row_blocks, nchunks, out, stream);
+    kernels = math == Math::kHalf ? launch<__nv_bfloat16, Math::kHalf>
+                                  : launch<__nv_bfloat16, Math::kFFMA>;
   }
+  kernels(p, na, smem, row_blocks, nchunks, out, stream);
   return {loss, dq, dk, correct};
 }
 
