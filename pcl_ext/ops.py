@@ -73,9 +73,9 @@ def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
     ``B = s_t sum_c |q_c x_tc|`` (``s`` the scaled logits, ``x_t`` the target column): twice
     the rounding bound of one computed logit (D products and sums, then the scale), which a
     tied column such as a duplicate id in sampled mode shares. ``u_in`` is the unit roundoff
-    of the GEMM inputs (2^-11 for TF32, else 0: exact) and ``u_acc`` that of the accumulators
-    (2^-53 for float64, 2^-24 for float32, 2^-23 on tensor cores, whose adders may truncate;
-    half precision computes in float32)."""
+    of the GEMM inputs (2^-11 for TF32, 2^-21 for 3xTF32, else 0: exact) and ``u_acc`` that
+    of the accumulators (2^-53 for float64, 2^-24 for float32, 2^-23 on tensor cores, whose
+    adders may truncate; half precision computes in float32)."""
     prototypes, phi, assignments = list(prototypes), list(phi), list(assignments)
     negs = [] if negatives is None else list(negatives)
     if negatives is not None and len(negs) != len(prototypes):
