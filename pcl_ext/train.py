@@ -89,6 +89,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "1.5x faster on a 2-core CPU but gave worse features (one run each)")
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
+    for term, what in (("align", "each embedding's distance to its prototype"),
+                       ("uniform", "uniformity of the batch's per-cluster mean embeddings"),
+                       ("corr", "correlation between their dimensions")):
+        p.add_argument(f"--pauc-{term}", type=_weight, default=0.0,
+                       help=f"weight of PAUC's {term} term ({what}; pcl_ext.ProtoNCELoss "
+                            "documents this package's reading of it); 0 = PCL")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
     p.add_argument("--max-samples", type=int, default=None,
                    help="train on the first N samples only (smoke runs)")
@@ -104,6 +110,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.num_cluster = [int(k) for k in str(args.num_cluster).split(",") if k.strip()]
     args.pcl_r = None if str(args.pcl_r) == "all" else int(args.pcl_r)
     return args
+
+
+def _weight(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def autocast(args, device: torch.device):
@@ -323,7 +336,9 @@ def train(args: argparse.Namespace) -> dict:
     model_k = copy.deepcopy(model_q).requires_grad_(False)
     queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
     criterion = ProtoNCELoss(args.temperature, args.pcl_r,
-                             generator=torch.Generator(env.device).manual_seed(args.seed))
+                             generator=torch.Generator(env.device).manual_seed(args.seed),
+                             align_weight=args.pauc_align, uniform_weight=args.pauc_uniform,
+                             corr_weight=args.pauc_corr)
     optimizer = torch.optim.SGD(model_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     if args.amp == "fp16" and env.device.type != "cuda":

@@ -208,3 +208,16 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # Both ranks' keys went into the queue: 2 ranks x 8 rows per step.
     assert int(ckpt["queue"]["ptr"]) == (2 * (96 // 16) * 16) % 32
     assert len(ckpt["cluster_result"]["im2cluster"][0]) == 96
+
+
+def test_pauc_flags_add_their_terms_after_the_warmup(tmp_path):
+    args = TINY + ["--epochs", "2", "--warmup-epochs", "1", "--no-eval"]
+    losses = {}
+    for name, extra in (("plain", []), ("pauc", ["--pauc-align", "0.5", "--pauc-uniform", "0.5",
+                                                 "--pauc-corr", "0.5"])):
+        train.train(train.parse_args(args + extra + ["--out", str(tmp_path / name)]))
+        losses[name] = [h["loss"] for h in load(tmp_path / name / "checkpoint.pt")["history"]]
+    assert losses["pauc"][0] == losses["plain"][0]  # MoCo warm-up: no clusters, no terms
+    assert losses["pauc"][1] != losses["plain"][1] and math.isfinite(losses["pauc"][1])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--pauc-uniform", "-1"])
