@@ -2,7 +2,8 @@
 
 ``cluster`` returns what PCL's ``run_kmeans`` returns (``im2cluster``, ``centroids``,
 ``density`` per granularity) as a ``ClusterResult``; ``kmeans`` is the single-granularity
-k-means underneath, shared with ``pcl_ext.evaluate``.
+k-means underneath, shared with ``pcl_ext.evaluate``. ``coagulation_stats`` measures how
+tight the clusters have become (the trainer logs it at every E-step).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ClusterResult", "cluster", "kmeans", "BACKENDS"]
+__all__ = ["ClusterResult", "cluster", "kmeans", "coagulation_stats", "BACKENDS"]
 
 BACKENDS = ("auto", "faiss-gpu", "torch-cuda", "faiss-cpu")
 _KEYS = ("im2cluster", "centroids", "density")
@@ -186,6 +187,53 @@ def kmeans(x: Tensor, k: int, *, niter: int = 20, nredo: int = 1, seed: int = 0,
     dist = np.maximum(dist[:, 0], 0)
     return KMeansResult(*(torch.from_numpy(a).to(x.device) for a in (centroids, dist,
                                                                      assign[:, 0])), backend)
+
+
+@torch.no_grad()
+def coagulation_stats(features: Tensor, result: ClusterResult, *, normalize: bool = True,
+                      block_rows: int = 1 << 16) -> list[dict[str, float]]:
+    r"""How coagulated each granularity's clusters are: what the trainer logs per E-step.
+
+    PAUC (Mo, Sun and Li, BMVC 2022) reports that ProtoNCE collapses the samples of a
+    prototype onto it while the prototypes separate. Per granularity, with :math:`x_i` the
+    (L2-normalized) features, :math:`c` the prototypes and :math:`P` the non-empty clusters:
+
+    * ``spread_ratio``: :math:`\sqrt{\operatorname{mean}_i \|x_i - c_{a_i}\|^2} \,/\,
+      \sqrt{\operatorname{mean}_{a \ne b \in P} \|c_a - c_b\|^2}`, the RMS distance of a
+      sample to its prototype relative to the RMS distance between prototypes (both exact:
+      the pairs' sum has a closed form, so the cost is linear in ``K``); it falls as clusters
+      coagulate. NaN with fewer than two non-empty clusters;
+    * ``empty_share``, ``singleton_share``: the fractions of the ``K`` clusters with no member
+      and with exactly one;
+    * ``phi_cv``: the spread of the concentrations, std / mean of :math:`\phi` (0 when all
+      clusters are alike; PCL's clipping to the 10th-90th percentile bounds it).
+
+    ``features`` ``[n, d]`` are those ``result`` clustered, read in blocks of ``block_rows``
+    rows so that the float64 temporaries stay small.
+    """
+    x = _check_features(features)
+    if normalize:
+        x = F.normalize(x, dim=1)
+    stats = []
+    for assign, protos, phi in zip(result.im2cluster, result.centroids, result.density):
+        assign, protos = assign.to(x.device), protos.to(x.device, torch.float64)
+        if assign.shape != (x.shape[0],):
+            raise ValueError(f"coagulation_stats: `result` assigns {tuple(assign.shape)} "
+                             f"samples, `features` has {x.shape[0]} rows")
+        sizes = torch.bincount(assign, minlength=protos.shape[0])
+        spread = sum(((xb.double() - protos[ab]).square().sum())
+                     for xb, ab in zip(x.split(block_rows), assign.split(block_rows)))
+        used = protos[sizes > 0]
+        p = used.shape[0]
+        # sum over ordered pairs a != b of |c_a - c_b|^2 = 2 P sum |c|^2 - 2 |sum c|^2
+        pairs = 2 * p * used.square().sum() - 2 * used.sum(0).square().sum()
+        between = pairs / (p * (p - 1)) if p > 1 else pairs.new_tensor(float("nan"))
+        phi = phi.double()
+        stats.append({"spread_ratio": float((spread / x.shape[0] / between).sqrt()),
+                      "empty_share": float((sizes == 0).double().mean()),
+                      "singleton_share": float((sizes == 1).double().mean()),
+                      "phi_cv": float(phi.std(correction=0) / phi.mean())})
+    return stats
 
 
 class _TorchDataset:

@@ -36,8 +36,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
+from .cluster import coagulation_stats
 from .data import build_datasets
 from .evaluate import evaluate_checkpoint, extract_features, initial_encoder
+from .loss import alignment, uniformity
 
 # PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
 PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=256, lr=0.03,
@@ -174,14 +176,21 @@ def compute_features(model: nn.Module, dataset, args, env: Distributed) -> Tenso
     return out
 
 
-def run_estep(model_k: nn.Module, dataset, args, env: Distributed) -> ClusterResult:
-    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme)."""
+def run_estep(model_k: nn.Module, dataset, args,
+              env: Distributed) -> tuple[ClusterResult, Optional[dict[str, list]]]:
+    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme). Also returns,
+    on rank 0, the E-step's log entries: per granularity the coagulation statistics
+    (:func:`pcl_ext.cluster.coagulation_stats`) and the k-means seconds."""
     features = compute_features(model_k, dataset, args, env)
-    result = None
+    result, log = None, None
     if env.master:
         result = cluster(features, args.num_cluster, niter=args.niter, nredo=args.nredo,
-                         temperature=args.temperature, seed=args.seed).to("cpu")
-    return env.broadcast(result).to(env.device)
+                         temperature=args.temperature, seed=args.seed)
+        stats = coagulation_stats(features, result)
+        log = {"num_clusters": list(args.num_cluster), "kmeans_seconds": result.kmeans_seconds,
+               **{key: [s[key] for s in stats] for key in stats[0]}}
+        result = result.to("cpu")
+    return env.broadcast(result).to(env.device), log
 
 
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> float:
@@ -190,6 +199,13 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> 
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+@torch.no_grad()
+def batch_geometry(q: Tensor, k: Tensor) -> Tensor:
+    """Wang and Isola's alignment of the batch's pairs of views and uniformity of its
+    queries, ``[2]`` float64 on the device (summed over the epoch without host reads)."""
+    return torch.stack([alignment(q, k), uniformity(q)]).double()
 
 
 @torch.no_grad()
@@ -222,6 +238,7 @@ def encode_keys(model_k, im_k: Tensor, splits: int, env: Optional[Distributed] =
 def train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler, loader,
                     cluster_result, epoch: int, args, env: Distributed) -> dict[str, float]:
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, acc_inst, acc_proto
+    geometry = torch.zeros(2, dtype=torch.float64, device=env.device)  # alignment, uniformity
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (args.progress and env.master),
                leave=False)
@@ -243,15 +260,20 @@ def train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler, loade
         queue.enqueue_(k)
         acc_proto = criterion.acc_proto if cluster_result is not None else loss.new_zeros(())
         sums += torch.stack([loss.detach(), criterion.acc_inst, acc_proto]).double()
+        geometry += batch_geometry(q.detach(), k)
         steps += 1
         if env.master and args.progress and steps % 10 == 0:
             bar.set_postfix(loss=f"{sums[0].item() / steps:.3f}")
     if env.enabled:
         dist.all_reduce(sums)
         sums /= env.world
+        dist.all_reduce(geometry)
+        geometry /= env.world
     loss, acc_inst, acc_proto = (sums / max(steps, 1)).tolist()
+    align, uniform = (geometry / max(steps, 1)).tolist()
     return {"loss": loss, "acc_inst": acc_inst,
-            "acc_proto": acc_proto if cluster_result is not None else None}
+            "acc_proto": acc_proto if cluster_result is not None else None,
+            "align": align, "uniform": uniform}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -287,7 +309,8 @@ def plot_metrics(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    axes = axes.ravel()
     axes[0].plot(epochs, [h["loss"] for h in history])
     axes[0].set_title("loss")
     axes[1].plot(epochs, [h["acc_inst"] for h in history], label="instance")
@@ -300,6 +323,26 @@ def plot_metrics(history: list[dict], path: Path) -> None:
     axes[2].plot(epochs, [h["estep_seconds"] for h in history], label="E-step")
     axes[2].set_title("seconds")
     axes[2].legend()
+    # Coagulation monitors (runs logged before they existed have none of these keys).
+    for ax, key, title in ((axes[3], "align", "alignment of the views (lower: closer)"),
+                           (axes[4], "uniform", "uniformity of the batch (lower: spread)")):
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_title(title)
+    esteps = [h for h in history if "spread_ratio" in h]
+    for ax, keys, title in ((axes[5], ["spread_ratio"], "intra-cluster / inter-prototype RMS"),
+                            (axes[6], ["empty_share", "singleton_share"],
+                             "share of empty (-) and singleton (--) clusters"),
+                            (axes[7], ["phi_cv"], "spread of phi (std / mean)")):
+        for m in range(len(esteps[0]["spread_ratio"]) if esteps else 0):
+            for key, style in zip(keys, ("-", "--")):
+                ax.plot([h["epoch"] for h in esteps], [h[key][m] for h in esteps], style,
+                        color=f"C{m}", label=f"K={esteps[0]['num_clusters'][m]}"
+                        if key == keys[0] else None)
+        if esteps:
+            ax.legend()
+        ax.set_title(title)
     for ax in axes:
         ax.set_xlabel("epoch")
     fig.tight_layout()
@@ -380,15 +423,15 @@ def train(args: argparse.Namespace) -> dict:
         else:
             sampler.generator.manual_seed(args.seed + epoch)
         start = time.perf_counter()
-        cluster_result = None
+        cluster_result, estep_log = None, None
         if epoch >= args.warmup_epochs and args.num_cluster:
-            cluster_result = run_estep(model_k, train_eval_set, args, env)
+            cluster_result, estep_log = run_estep(model_k, train_eval_set, args, env)
         estep_seconds = time.perf_counter() - start
         lr = adjust_learning_rate(optimizer, epoch, args)
         metrics = train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler,
                                   loader, cluster_result, epoch, args, env)
         metrics.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - start,
-                       estep_seconds=estep_seconds)
+                       estep_seconds=estep_seconds, **(estep_log or {}))
         history.append(metrics)
         rngs = [None] * env.world
         if env.enabled:

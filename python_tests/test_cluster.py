@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
 import pcl_ext
-from pcl_ext.cluster import ClusterResult, _kmeans_torch, _TorchDataset, kmeans
+from pcl_ext.cluster import (ClusterResult, _kmeans_torch, _TorchDataset, coagulation_stats,
+                             kmeans)
 
 from conftest import cuda_only
 FAST = dict(nredo=1)  # PCL's nredo=5 only where the test needs the best of several runs
@@ -265,3 +266,41 @@ def test_torch_dataset_on_cuda_matches_cpu():
     torch.testing.assert_close(dist_c.cpu(), dist, atol=1e-5, rtol=1e-4)
     if (assign == assign_c).all():
         torch.testing.assert_close(sums_c.cpu(), sums, atol=1e-4, rtol=1e-4)
+
+
+def test_coagulation_stats_by_brute_force():
+    x = unit_features(n=700, d=8, seed=4)
+    result = pcl_ext.cluster(x, (5, 40), seed=2, **FAST)
+    stats = coagulation_stats(x, result, block_rows=100)
+    assert len(stats) == 2
+    for m, s in enumerate(stats):
+        a, c, phi = result.im2cluster[m], result.centroids[m].double(), result.density[m].double()
+        x64 = x.double()
+        sizes = torch.bincount(a, minlength=len(c))
+        used = c[sizes > 0]
+        pair_sq = [(used[i] - used[j]).square().sum() for i in range(len(used))
+                   for j in range(len(used)) if i != j]
+        spread_sq = torch.stack([(x64[i] - c[a[i]]).square().sum() for i in range(len(x))])
+        want = (spread_sq.mean() / torch.stack(pair_sq).mean()).sqrt()
+        assert s["spread_ratio"] == pytest.approx(want.item(), rel=1e-6)  # float32 features
+        assert s["empty_share"] == (sizes == 0).sum().item() / len(c)
+        assert s["singleton_share"] == (sizes == 1).sum().item() / len(c)
+        assert s["phi_cv"] == pytest.approx(np.std(phi.numpy()) / np.mean(phi.numpy()), rel=1e-9)
+
+
+def test_coagulation_stats_counts_and_tightness():
+    x, labels = blobs(num_blobs=4, per_blob=100, noise=0.01)
+    protos = F.normalize(torch.stack([x[labels == b].mean(0) for b in range(4)]
+                                     + [-x[0], x[1]]), dim=1)      # cluster 4 empty, 5 a singleton
+    assign = labels.clone()
+    assign[1] = 5
+    phi = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    (tight,) = coagulation_stats(x, ClusterResult([assign], [protos], [phi]))
+    assert tight["empty_share"] == 1 / 6 and tight["singleton_share"] == 1 / 6
+    assert tight["spread_ratio"] < 0.05                              # samples on their prototype
+    assert tight["phi_cv"] == pytest.approx(np.std([1, 2, 3, 4, 5, 6]) / 3.5)
+    loose = unit_features(n=400, d=16)
+    (spread,) = coagulation_stats(loose, pcl_ext.cluster(loose, 4, **FAST))
+    assert 0.4 < spread["spread_ratio"] < 1.0 and spread["empty_share"] == 0
+    with pytest.raises(ValueError, match="`result`"):
+        coagulation_stats(loose[:10], ClusterResult([assign], [protos], [phi]))

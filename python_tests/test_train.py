@@ -221,3 +221,28 @@ def test_pauc_flags_add_their_terms_after_the_warmup(tmp_path):
     assert losses["pauc"][1] != losses["plain"][1] and math.isfinite(losses["pauc"][1])
     with pytest.raises(SystemExit):
         train.parse_args(["--pauc-uniform", "-1"])
+
+
+def test_estep_logs_coagulation_monitors(tmp_path):
+    out = tmp_path / "run"
+    train.train(train.parse_args(TINY + ["--epochs", "3", "--warmup-epochs", "1", "--no-eval",
+                                         "--num-cluster", "4,24", "--out", str(out)]))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for h in lines:  # every epoch: Wang and Isola's metrics of the training batches
+        assert 0 <= h["align"] <= 4 and -4 <= h["uniform"] <= 0
+    assert "spread_ratio" not in lines[0]  # warm-up: no E-step
+    for h in lines[1:]:
+        assert h["num_clusters"] == [4, 24] and len(h["kmeans_seconds"]) == 2
+        assert all(0 < r < 2 for r in h["spread_ratio"])
+        for key in ("empty_share", "singleton_share"):
+            assert len(h[key]) == 2 and all(0 <= s <= 1 for s in h[key])
+        assert all(c >= 0 for c in h["phi_cv"])
+    # 96 samples in 24 clusters: singletons are likely; the log reports what the E-step saw.
+    ckpt = load(out / "checkpoint.pt")
+    sizes = torch.bincount(ckpt["cluster_result"]["im2cluster"][1], minlength=24)
+    assert lines[-1]["singleton_share"][1] == (sizes == 1).double().mean().item()
+    assert lines[-1]["empty_share"][1] == (sizes == 0).double().mean().item()
+    assert (out / "metrics.png").stat().st_size > 0
+    train.plot_metrics([{k: h[k] for k in ("epoch", "loss", "acc_inst", "acc_proto",
+                                            "epoch_seconds", "estep_seconds")} for h in lines],
+                       tmp_path / "old-log.png")  # a log from before the monitors still plots
