@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .cluster import coagulation_stats
-from .data import build_datasets
+from .data import AUGMENTATIONS, build_datasets
 from .evaluate import evaluate_checkpoint, extract_features, initial_encoder
 from .loss import alignment, uniformity
 
@@ -75,8 +75,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         kind = type(PCL_DEFAULTS[name]) if PCL_DEFAULTS[name] is not None else int
         p.add_argument(flag, type=kind if kind is not str else str, default=None,
                        help=f"PCL: {PCL_DEFAULTS[name]}")
-    p.add_argument("--crop-min", type=float, default=0.2,
-                   help="smallest area fraction of the random crops (MoCo v2: 0.2)")
+    p.add_argument("--aug", choices=list(AUGMENTATIONS), default="aug-plus",
+                   help="the views: MoCo v2's aug-plus, or InfoMin Aug (stronger crops and "
+                        "colour jitter, then RandAugment; pcl_ext.data.pretrain_transform)")
+    p.add_argument("--crop-min", type=float, default=None,
+                   help="smallest area fraction of the random crops (default: the views', "
+                        "MoCo v2: 0.2, InfoMin: 0.08)")
     p.add_argument("--shuffle-bn-splits", type=int, default=1,
                    help="shuffle BN: the key encoder's batch norm sees this many random "
                         "sub-batches per process (MoCo: one per GPU, 32 images each; 1 = off). "
@@ -367,7 +371,7 @@ def train(args: argparse.Namespace) -> dict:
 
     train_set, train_eval_set, test_set, info = build_datasets(
         args.dataset, args.data_root, image_size=args.image_size,
-        crop_scale=(args.crop_min, 1.0))
+        crop_scale=None if args.crop_min is None else (args.crop_min, 1.0), aug=args.aug)
     if args.max_samples is not None:
         keep = list(range(min(args.max_samples, len(train_set))))
         train_set, train_eval_set = Subset(train_set, keep), Subset(train_eval_set, keep)

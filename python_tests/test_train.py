@@ -246,3 +246,15 @@ def test_estep_logs_coagulation_monitors(tmp_path):
     train.plot_metrics([{k: h[k] for k in ("epoch", "loss", "acc_inst", "acc_proto",
                                             "epoch_seconds", "estep_seconds")} for h in lines],
                        tmp_path / "old-log.png")  # a log from before the monitors still plots
+
+
+def test_infomin_views_flag(tmp_path):
+    default = train.parse_args(TINY)
+    assert default.aug == "aug-plus" and default.crop_min is None
+    out = tmp_path / "infomin"
+    train.train(train.parse_args(TINY + ["--epochs", "1", "--aug", "infomin", "--no-eval",
+                                         "--out", str(out)]))
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["args"]["aug"] == "infomin" and math.isfinite(ckpt["history"][0]["loss"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--aug", "randaugment"])
