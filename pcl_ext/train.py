@@ -95,6 +95,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "1.5x faster on a 2-core CPU but gave worse features (one run each)")
     p.add_argument("--nredo", type=int, default=5, help="k-means restarts (PCL: 5)")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations (PCL: 20)")
+    p.add_argument("--estep", choices=["cold", "warm"], default="cold",
+                   help="cold: PCL's k-means from random points at every E-step (--nredo runs "
+                        "of --niter iterations); warm: one run of --warm-niter iterations from "
+                        "the previous E-step's centroids (cold at the first E-step and where "
+                        "the number of clusters or the dimension changed)")
+    p.add_argument("--warm-niter", type=int, default=5,
+                   help="k-means iterations of a warm-started E-step")
     for term, what in (("align", "each embedding's distance to its prototype"),
                        ("uniform", "uniformity of the batch's per-cluster mean embeddings"),
                        ("corr", "correlation between their dimensions")):
@@ -180,19 +187,23 @@ def compute_features(model: nn.Module, dataset, args, env: Distributed) -> Tenso
     return out
 
 
-def run_estep(model_k: nn.Module, dataset, args,
-              env: Distributed) -> tuple[ClusterResult, Optional[dict[str, list]]]:
-    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme). Also returns,
-    on rank 0, the E-step's log entries: per granularity the coagulation statistics
-    (:func:`pcl_ext.cluster.coagulation_stats`) and the k-means seconds."""
+def run_estep(model_k: nn.Module, dataset, args, env: Distributed,
+              init_centroids: Optional[list[Tensor]] = None,
+              ) -> tuple[ClusterResult, Optional[dict[str, list]]]:
+    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme); with
+    ``init_centroids`` (``--estep warm``) k-means starts from them. Also returns, on rank 0,
+    the E-step's log entries: per granularity the coagulation statistics
+    (:func:`pcl_ext.cluster.coagulation_stats`), the k-means seconds and whether it was
+    warm-started."""
     features = compute_features(model_k, dataset, args, env)
     result, log = None, None
     if env.master:
         result = cluster(features, args.num_cluster, niter=args.niter, nredo=args.nredo,
-                         temperature=args.temperature, seed=args.seed)
+                         temperature=args.temperature, seed=args.seed,
+                         init_centroids=init_centroids, warm_niter=args.warm_niter)
         stats = coagulation_stats(features, result)
         log = {"num_clusters": list(args.num_cluster), "kmeans_seconds": result.kmeans_seconds,
-               **{key: [s[key] for s in stats] for key in stats[0]}}
+               "warm": result.warm, **{key: [s[key] for s in stats] for key in stats[0]}}
         result = result.to("cpu")
     return env.broadcast(result).to(env.device), log
 
@@ -392,6 +403,7 @@ def train(args: argparse.Namespace) -> dict:
         sys.exit(f"--amp fp16 needs a CUDA device (got {env.device}); use --amp bf16 on CPUs")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     start_epoch, history = 0, []
+    last_centroids = None  # the previous E-step's prototypes: where --estep warm starts
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=env.device, weights_only=False)
         model_q.load_state_dict(ckpt["model_q"])
@@ -403,6 +415,8 @@ def train(args: argparse.Namespace) -> dict:
         criterion.generator.set_state(ckpt["sampler_rng"])
         set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, history = ckpt["epoch"], ckpt["history"]  # the E-step reruns each epoch
+        if ckpt.get("cluster_result") is not None:
+            last_centroids = list(ckpt["cluster_result"]["centroids"])
         if env.master:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
     elif args.resume and env.master:
@@ -429,7 +443,10 @@ def train(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         cluster_result, estep_log = None, None
         if epoch >= args.warmup_epochs and args.num_cluster:
-            cluster_result, estep_log = run_estep(model_k, train_eval_set, args, env)
+            cluster_result, estep_log = run_estep(
+                model_k, train_eval_set, args, env,
+                last_centroids if args.estep == "warm" else None)
+            last_centroids = cluster_result.centroids
         estep_seconds = time.perf_counter() - start
         lr = adjust_learning_rate(optimizer, epoch, args)
         metrics = train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler,

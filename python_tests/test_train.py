@@ -258,3 +258,36 @@ def test_infomin_views_flag(tmp_path):
     assert ckpt["args"]["aug"] == "infomin" and math.isfinite(ckpt["history"][0]["loss"])
     with pytest.raises(SystemExit):
         train.parse_args(["--aug", "randaugment"])
+
+
+def test_warm_estep_logs_and_survives_a_resume(tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "3", "--warmup-epochs", "1", "--estep", "warm", "--warm-niter",
+                   "2", "--no-eval"]
+    train.train(train.parse_args(args + ["--out", str(tmp_path / "straight")]))
+    straight = load(tmp_path / "straight" / "checkpoint.pt")
+    # The first E-step is cold (no previous centroids), the next one warm.
+    assert [h.get("warm") for h in straight["history"]] == [None, [False, False], [True, True]]
+    assert all(len(h["kmeans_seconds"]) == 2 for h in straight["history"][1:])
+
+    plot = train.plot_metrics
+
+    def stop_after_two_epochs(history, path):  # a kill right after epoch 1's checkpoint
+        plot(history, path)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "plot_metrics", stop_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args(args + ["--out", str(tmp_path / "killed")]))
+    monkeypatch.undo()
+    train.train(train.parse_args(args + ["--out", str(tmp_path / "killed"), "--resume"]))
+    resumed = load(tmp_path / "killed" / "checkpoint.pt")
+    # The resumed epoch started from the checkpoint's centroids: the same weights as without
+    # the interruption (a cold restart there would have clustered differently).
+    assert resumed["history"][2]["warm"] == [True, True]
+    for name in ("model_q", "model_k"):
+        for key in straight[name]:
+            assert torch.equal(straight[name][key], resumed[name][key]), (name, key)
+    for a, b in zip(straight["cluster_result"]["im2cluster"],
+                    resumed["cluster_result"]["im2cluster"]):
+        assert torch.equal(a, b)
