@@ -2,7 +2,8 @@
 
 ``cluster`` returns what PCL's ``run_kmeans`` returns (``im2cluster``, ``centroids``,
 ``density`` per granularity) as a ``ClusterResult``; ``kmeans`` is the single-granularity
-k-means underneath, shared with ``pcl_ext.evaluate``.
+k-means underneath, shared with ``pcl_ext.evaluate``. ``coagulation_stats`` measures how
+tight the clusters have become (the trainer logs it at every E-step).
 """
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ClusterResult", "cluster", "kmeans", "BACKENDS"]
+__all__ = ["ClusterResult", "cluster", "kmeans", "coagulation_stats", "BACKENDS"]
 
 BACKENDS = ("auto", "faiss-gpu", "torch-cuda", "faiss-cpu")
 _KEYS = ("im2cluster", "centroids", "density")
@@ -40,6 +41,7 @@ class ClusterResult(Mapping):
     kmeans_seconds: list[float] = field(default_factory=list)
     density_seconds: list[float] = field(default_factory=list)
     objective: list[float] = field(default_factory=list)  # sum of squared distances at the end
+    warm: list[bool] = field(default_factory=list)  # started from given centroids (warm start)
 
     def __getitem__(self, key: str) -> list[Tensor]:
         if key not in _KEYS:
@@ -58,7 +60,7 @@ class ClusterResult(Mapping):
         return ClusterResult(**moved, backend=self.backend,
                              kmeans_seconds=list(self.kmeans_seconds),
                              density_seconds=list(self.density_seconds),
-                             objective=list(self.objective))
+                             objective=list(self.objective), warm=list(self.warm))
 
     def validate(self) -> "ClusterResult":
         """Check what the loss reads, naming the first bad entry; returns ``self``.
@@ -113,6 +115,7 @@ def cluster(features: Tensor, num_clusters: Union[int, Sequence[int]] = (25000, 
             *, niter: int = 20, nredo: int = 5, temperature: float = 0.2, alpha: float = 10.0,
             seed: int = 0, max_points_per_centroid: int = 1000,
             min_points_per_centroid: int = 10, normalize: bool = True, backend: str = "auto",
+            init_centroids: Optional[Sequence[Optional[Tensor]]] = None, warm_niter: int = 5,
             verbose: bool = False) -> ClusterResult:
     r"""PCL's E-step (``run_kmeans`` of salesforce/PCL): k-means per granularity + concentration.
 
@@ -150,11 +153,21 @@ def cluster(features: Tensor, num_clusters: Union[int, Sequence[int]] = (25000, 
             ``"torch-cuda"`` for CUDA features otherwise (faiss's Python k-means whose
             assignment step, a matmul + argmin, runs in torch on the features' GPU), else
             ``"faiss-cpu"``. faiss runs with ``torch.get_num_threads()`` OpenMP threads.
+        init_centroids: a warm start (not PCL's): one ``[K_m, d]`` tensor (or ``None``) per
+            granularity, e.g. the previous E-step's ``centroids``. A granularity whose entry
+            has the shape ``(K_m, d)`` runs a single k-means (no ``nredo``) of ``warm_niter``
+            Lloyd iterations from it; the others (``None``, a changed ``K`` or ``d``, or no
+            entry) run PCL's scheme above. Features move little between epochs, so a few
+            iterations from the last clustering replace ``nredo x niter`` from random points.
+            Starting from the normalized prototypes only changes the first assignment of
+            points almost equidistant from two centroids.
+        warm_niter: Lloyd iterations of a warm start.
         verbose: print faiss's progress.
 
     Returns:
-        a :class:`ClusterResult` on the features' device, with the backend that ran and the
-        seconds spent per granularity in k-means and in the concentration.
+        a :class:`ClusterResult` on the features' device, with the backend that ran, whether
+        each granularity was warm-started, and the seconds spent per granularity in k-means
+        and in the concentration.
 
     Deterministic for a given seed, backend, device and thread count. The ``"torch-cuda"``
     assignment uses float32 matmuls (TF32 tensor cores only when
@@ -165,18 +178,22 @@ def cluster(features: Tensor, num_clusters: Union[int, Sequence[int]] = (25000, 
 
     x = _check_features(features)
     ks = _check_num_clusters(num_clusters, x.shape[0])
-    if niter < 1 or nredo < 1:
-        raise ValueError(f"cluster: `niter` and `nredo` must be >= 1, got {niter}, {nredo}")
+    if niter < 1 or nredo < 1 or warm_niter < 1:
+        raise ValueError(f"cluster: `niter`, `nredo` and `warm_niter` must be >= 1, got {niter}, "
+                         f"{nredo}, {warm_niter}")
     if normalize:
         x = F.normalize(x, dim=1)
     backend = _pick_backend(backend, x)
     result = ClusterResult([], [], [], backend=backend)
+    inits = list(init_centroids or [])
     for m, k in enumerate(ks):
+        init = inits[m] if m < len(inits) else None
+        warm = init is not None and tuple(init.shape) == (k, x.shape[1])
         start = time.perf_counter()
-        km = kmeans(x, k, niter=niter, nredo=nredo, seed=seed + m,
-                    max_points_per_centroid=max_points_per_centroid,
+        km = kmeans(x, k, niter=warm_niter if warm else niter, nredo=1 if warm else nredo,
+                    seed=seed + m, max_points_per_centroid=max_points_per_centroid,
                     min_points_per_centroid=min_points_per_centroid, backend=backend,
-                    verbose=verbose)
+                    init=init if warm else None, verbose=verbose)
         _sync(x)
         middle = time.perf_counter()
         phi = concentration(km.sq_dist, km.assignments, k, temperature=temperature, alpha=alpha)
@@ -184,6 +201,7 @@ def cluster(features: Tensor, num_clusters: Union[int, Sequence[int]] = (25000, 
         result.kmeans_seconds.append(middle - start)
         result.density_seconds.append(time.perf_counter() - middle)
         result.objective.append(km.sq_dist.sum(dtype=torch.float64).item())
+        result.warm.append(warm)
         result.im2cluster.append(km.assignments)
         result.centroids.append(F.normalize(km.centroids, dim=1))
         result.density.append(phi)
@@ -192,19 +210,27 @@ def cluster(features: Tensor, num_clusters: Union[int, Sequence[int]] = (25000, 
 
 def kmeans(x: Tensor, k: int, *, niter: int = 20, nredo: int = 1, seed: int = 0,
            max_points_per_centroid: int = 1000, min_points_per_centroid: int = 10,
-           backend: str = "auto", verbose: bool = False) -> KMeansResult:
+           backend: str = "auto", init: Optional[Tensor] = None,
+           verbose: bool = False) -> KMeansResult:
     """k-means of the rows of ``x`` (float32 ``[n, d]``, ``k <= n``) with faiss's algorithm.
 
     Returns the (unnormalized) centroids and every row's squared distance to, and index of,
-    its nearest final centroid, on ``x``'s device. Arguments as in :func:`cluster`.
+    its nearest final centroid, on ``x``'s device. ``init`` ``[k, d]``: start from these
+    centroids instead of ``k`` random rows (then ``nredo`` must be 1). Other arguments as in
+    :func:`cluster`.
     """
     faiss = _import_faiss()
     backend = _pick_backend(backend, x)
+    if init is not None:
+        if tuple(init.shape) != (k, x.shape[1]) or not init.is_floating_point() or nredo != 1:
+            raise ValueError(f"kmeans: `init` must be floating point of shape {(k, x.shape[1])} "
+                             f"with nredo=1, got {init.dtype} {tuple(init.shape)}, nredo={nredo}")
+        init = init.detach().to(x.device, torch.float32).contiguous()
     params = dict(niter=niter, nredo=nredo, seed=seed, verbose=verbose,
                   max_points_per_centroid=max_points_per_centroid,
                   min_points_per_centroid=min_points_per_centroid)
     if backend == "torch-cuda":
-        centroids, dist, assign = _kmeans_torch(x, k, **params)
+        centroids, dist, assign = _kmeans_torch(x, k, init=init, **params)
         return KMeansResult(centroids, dist, assign, backend)
     x_np = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
     if backend == "faiss-gpu":
@@ -219,6 +245,8 @@ def kmeans(x: Tensor, k: int, *, niter: int = 20, nredo: int = 1, seed: int = 0,
         clus = faiss.Clustering(x_np.shape[1], k)
         for name, value in params.items():
             setattr(clus, name, value)
+        if init is not None:  # faiss starts from the centroids it already holds
+            faiss.copy_array_to_vector(init.cpu().numpy().ravel(), clus.centroids)
         clus.train(x_np, index)
         # The index holds the final centroids: PCL's `index.search(x, 1)`.
         dist, assign = index.search(x_np, 1)
@@ -227,6 +255,53 @@ def kmeans(x: Tensor, k: int, *, niter: int = 20, nredo: int = 1, seed: int = 0,
     dist = np.maximum(dist[:, 0], 0)
     return KMeansResult(*(torch.from_numpy(a).to(x.device) for a in (centroids, dist,
                                                                      assign[:, 0])), backend)
+
+
+@torch.no_grad()
+def coagulation_stats(features: Tensor, result: ClusterResult, *, normalize: bool = True,
+                      block_rows: int = 1 << 16) -> list[dict[str, float]]:
+    r"""How coagulated each granularity's clusters are: what the trainer logs per E-step.
+
+    PAUC (Mo, Sun and Li, BMVC 2022) reports that ProtoNCE collapses the samples of a
+    prototype onto it while the prototypes separate. Per granularity, with :math:`x_i` the
+    (L2-normalized) features, :math:`c` the prototypes and :math:`P` the non-empty clusters:
+
+    * ``spread_ratio``: :math:`\sqrt{\operatorname{mean}_i \|x_i - c_{a_i}\|^2} \,/\,
+      \sqrt{\operatorname{mean}_{a \ne b \in P} \|c_a - c_b\|^2}`, the RMS distance of a
+      sample to its prototype relative to the RMS distance between prototypes (both exact:
+      the pairs' sum has a closed form, so the cost is linear in ``K``); it falls as clusters
+      coagulate. NaN with fewer than two non-empty clusters;
+    * ``empty_share``, ``singleton_share``: the fractions of the ``K`` clusters with no member
+      and with exactly one;
+    * ``phi_cv``: the spread of the concentrations, std / mean of :math:`\phi` (0 when all
+      clusters are alike; PCL's clipping to the 10th-90th percentile bounds it).
+
+    ``features`` ``[n, d]`` are those ``result`` clustered, read in blocks of ``block_rows``
+    rows so that the float64 temporaries stay small.
+    """
+    x = _check_features(features)
+    if normalize:
+        x = F.normalize(x, dim=1)
+    stats = []
+    for assign, protos, phi in zip(result.im2cluster, result.centroids, result.density):
+        assign, protos = assign.to(x.device), protos.to(x.device, torch.float64)
+        if assign.shape != (x.shape[0],):
+            raise ValueError(f"coagulation_stats: `result` assigns {tuple(assign.shape)} "
+                             f"samples, `features` has {x.shape[0]} rows")
+        sizes = torch.bincount(assign, minlength=protos.shape[0])
+        spread = sum(((xb.double() - protos[ab]).square().sum())
+                     for xb, ab in zip(x.split(block_rows), assign.split(block_rows)))
+        used = protos[sizes > 0]
+        p = used.shape[0]
+        # sum over ordered pairs a != b of |c_a - c_b|^2 = 2 P sum |c|^2 - 2 |sum c|^2
+        pairs = 2 * p * used.square().sum() - 2 * used.sum(0).square().sum()
+        between = pairs / (p * (p - 1)) if p > 1 else pairs.new_tensor(float("nan"))
+        phi = phi.double()
+        stats.append({"spread_ratio": float((spread / x.shape[0] / between).sqrt()),
+                      "empty_share": float((sizes == 0).double().mean()),
+                      "singleton_share": float((sizes == 1).double().mean()),
+                      "phi_cv": float(phi.std(correction=0) / phi.mean())})
+    return stats
 
 
 class _TorchDataset:
@@ -269,11 +344,24 @@ class _TorchDataset:
         return assign.cpu().numpy(), dist, sums
 
 
+class _WarmStart(_TorchDataset):
+    """contrib's k-means takes its starting centroids from ``get_subset`` of ``k`` random rows
+    (its only call); a warm start hands over the given centroids instead."""
+
+    def __init__(self, x: Tensor, init: Tensor):
+        super().__init__(x)
+        self.init = init
+
+    def get_subset(self, indices: np.ndarray) -> Tensor:
+        return self.init.clone()
+
+
 def _kmeans_torch(x: Tensor, k: int, *, niter: int, nredo: int, seed: int, verbose: bool,
-                  max_points_per_centroid: int,
-                  min_points_per_centroid: int) -> tuple[Tensor, Tensor, Tensor]:
+                  max_points_per_centroid: int, min_points_per_centroid: int,
+                  init: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """faiss's Python k-means (``faiss.contrib.clustering``) with torch doing the assignment;
-    it lacks faiss's subsampling and ``nredo``, which are added here the way faiss does them."""
+    it lacks faiss's subsampling, ``nredo`` and initial centroids, which are added here the
+    way faiss does them."""
     _import_faiss()
     from faiss.contrib.clustering import kmeans as contrib_kmeans
 
@@ -285,7 +373,8 @@ def _kmeans_torch(x: Tensor, k: int, *, niter: int, nredo: int, seed: int, verbo
     if n > k * max_points_per_centroid:
         keep = np.random.RandomState(seed).permutation(n)[:k * max_points_per_centroid]
         train = x[torch.from_numpy(np.sort(keep)).to(x.device)]
-    data = _TorchDataset(train.contiguous())
+    data = _TorchDataset(train.contiguous()) if init is None else _WarmStart(train.contiguous(),
+                                                                              init)
     best, best_obj = None, float("inf")
     for redo in range(nredo):
         # contrib_kmeans prints "preproc..." whatever `verbose` says

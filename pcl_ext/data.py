@@ -44,7 +44,7 @@ from torchvision.transforms import v2
 
 __all__ = ["DATASETS", "DatasetInfo", "ArrayDataset", "Transformed", "TwoCrops",
            "GaussianBlur", "read_idx", "load_digits", "load_idx_dir", "load_cifar10",
-           "pretrain_transform", "eval_transform", "build_datasets"]
+           "pretrain_transform", "eval_transform", "build_datasets", "AUGMENTATIONS"]
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -53,6 +53,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The views of the pre-training pairs, with the smallest crop area each uses by default.
+AUGMENTATIONS = {"aug-plus": 0.2, "infomin": 0.08}
 
 PathLike = Union[str, Path]
 Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # train images, train labels, test images, test labels
@@ -256,27 +258,45 @@ def load_cifar10(root: PathLike) -> Arrays:
 
 def pretrain_transform(image_size: int, channels: int, mean: Sequence[float],
                        std: Sequence[float], *, flip: bool = True,
-                       crop_scale: tuple[float, float] = (0.2, 1.0)) -> v2.Compose:
-    """MoCo v2's "aug-plus", adapted to grayscale and small images; PIL or uint8 tensor in,
-    normalized float32 ``[C, image_size, image_size]`` out.
+                       crop_scale: Optional[tuple[float, float]] = None,
+                       aug: str = "aug-plus") -> v2.Compose:
+    """The views of a pre-training pair, adapted to grayscale and small images; PIL or uint8
+    tensor in, normalized float32 ``[C, image_size, image_size]`` out.
 
-    RandomResizedCrop(scale=crop_scale), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8,
-    RandomGrayscale(p=0.2), GaussianBlur with p=0.5, RandomHorizontalFlip if ``flip``.
-    Changes: one channel keeps brightness and contrast only (saturation, hue and grayscale do
-    nothing to it). The blur's sigma range (0.1, 2.0) px is MoCo's at 224 px and is scaled
-    with the image; at <= 32 px it would stay under 0.3 px, so it is dropped (as SimCLR does
-    on CIFAR-10).
+    ``aug="aug-plus"``, MoCo v2's: RandomResizedCrop(scale=crop_scale, default (0.2, 1)),
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(p=0.2), GaussianBlur with
+    p=0.5, RandomHorizontalFlip if ``flip``.
+
+    ``aug="infomin"``, InfoMin Aug (Tian et al., NeurIPS 2020): the same chain with stronger
+    crops (default scale (0.08, 1)) and colour jitter (0.8, 0.8, 0.8, 0.2), then
+    torchvision's RandAugment with 2 ops at magnitude 30 of 31 bins, the strongest, as
+    InfoMin's "rand-n2-m10" (timm's scale tops at 10), filling with the data's mean colour.
+
+    Changes for small and grayscale images: one channel keeps brightness and contrast only
+    (saturation, hue and grayscale do nothing to it; RandAugment's colour op leaves it
+    unchanged). The blur's sigma range (0.1, 2.0) px is MoCo's at 224 px and is scaled with the
+    image; at <= 32 px it would stay under 0.3 px, so it is dropped (as SimCLR does on
+    CIFAR-10). RandAugment's shifts are relative to the image size already.
     """
+    if aug not in AUGMENTATIONS:
+        raise ValueError(f"pretrain_transform: `aug` must be one of {list(AUGMENTATIONS)}, "
+                         f"got {aug!r}")
+    jitter = 0.4 if aug == "aug-plus" else 0.8
     if channels == 3:
-        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        colour = [v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8),
                   v2.RandomGrayscale(p=0.2)]
     else:
-        colour = [v2.RandomApply([v2.ColorJitter(0.4, 0.4)], p=0.8)]
+        colour = [v2.RandomApply([v2.ColorJitter(jitter, jitter)], p=0.8)]
     scale = image_size / 224
     blur = [v2.RandomApply([GaussianBlur((0.1 * scale, 2.0 * scale))], p=0.5)] \
         if image_size > 32 else []
+    fill = [round(255 * m) for m in mean]  # uint8 or PIL images: the mean in pixel values
+    rand_augment = [v2.RandAugment(num_ops=2, magnitude=30, fill=fill)] \
+        if aug == "infomin" else []
+    crop_scale = crop_scale or (AUGMENTATIONS[aug], 1.0)
     return v2.Compose([v2.RandomResizedCrop(image_size, scale=crop_scale), *colour, *blur,
-                       *([v2.RandomHorizontalFlip()] if flip else []), *_to_input(mean, std)])
+                       *rand_augment, *([v2.RandomHorizontalFlip()] if flip else []),
+                       *_to_input(mean, std)])
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float],
@@ -297,7 +317,7 @@ def _to_input(mean: Sequence[float], std: Sequence[float]) -> list:
 
 def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
                    image_size: Optional[int] = None,
-                   crop_scale: tuple[float, float] = (0.2, 1.0),
+                   crop_scale: Optional[tuple[float, float]] = None, aug: str = "aug-plus",
                    ) -> tuple[Transformed, Transformed, Transformed, DatasetInfo]:
     """``(train, train_eval, test, info)`` for one of :data:`DATASETS` (see the module doc).
 
@@ -307,7 +327,9 @@ def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
             package's folder for fashion-mnist, unused for digits.
         image_size: network input side; default 32 (digits, cifar10), 28 (fashion-mnist),
             224 (imagefolder). In-memory datasets are resized once at load time.
-        crop_scale: area range of RandomResizedCrop (MoCo: 0.2-1).
+        crop_scale: area range of RandomResizedCrop (default: the views', 0.2-1 for MoCo's).
+        aug: the pre-training views, ``"aug-plus"`` (MoCo v2) or ``"infomin"``
+            (:func:`pretrain_transform`).
 
     Horizontal flips are used everywhere except on digits: handwriting is never mirrored (a
     mirrored 2, 3, 7 or 9 is no digit), so flip invariance would be learned for nothing. Inputs are normalized with the training split's
@@ -319,7 +341,7 @@ def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
     if root is None and name in ("cifar10", "imagefolder"):
         raise ValueError(f"build_datasets: {name!r} needs `root`, the folder of its files")
     if name == "imagefolder":
-        return _image_folders(Path(root), image_size or 224, crop_scale)
+        return _image_folders(Path(root), image_size or 224, crop_scale, aug)
 
     if name == "digits":
         size, classes = image_size or 32, tuple(str(i) for i in range(10))
@@ -339,13 +361,13 @@ def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
     info = DatasetInfo(name, len(classes), channels, size, size <= 64, mean, std, classes)
     train_base = ArrayDataset(train_x, train_y)
     augment = pretrain_transform(size, channels, mean, std, flip=name != "digits",
-                                 crop_scale=crop_scale)
+                                 crop_scale=crop_scale, aug=aug)
     return (Transformed(train_base, TwoCrops(augment), with_index=True),
             Transformed(train_base, eval_transform(mean, std)),
             Transformed(ArrayDataset(test_x, test_y), eval_transform(mean, std)), info)
 
 
-def _image_folders(root: Path, size: int, crop_scale: tuple[float, float],
+def _image_folders(root: Path, size: int, crop_scale: Optional[tuple[float, float]], aug: str,
                    ) -> tuple[Transformed, Transformed, Transformed, DatasetInfo]:
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
@@ -355,7 +377,8 @@ def _image_folders(root: Path, size: int, crop_scale: tuple[float, float],
         raise ValueError(f"{root}: train/ and {test_dir.name}/ hold different class folders")
     info = DatasetInfo("imagefolder", len(train_base.classes), 3, size, size <= 64,
                        IMAGENET_MEAN, IMAGENET_STD, tuple(train_base.classes))
-    augment = pretrain_transform(size, 3, IMAGENET_MEAN, IMAGENET_STD, crop_scale=crop_scale)
+    augment = pretrain_transform(size, 3, IMAGENET_MEAN, IMAGENET_STD, crop_scale=crop_scale,
+                                 aug=aug)
     evaluate = eval_transform(IMAGENET_MEAN, IMAGENET_STD, size)
     return (Transformed(train_base, TwoCrops(augment), with_index=True),
             Transformed(train_base, evaluate), Transformed(test_base, evaluate), info)

@@ -125,3 +125,49 @@ def enqueue_rows(buffer: Tensor, ptr: int, keys: Tensor) -> tuple[Tensor, int]:
         buffer[ptr] = row
         ptr = (ptr + 1) % buffer.shape[0]
     return buffer, ptr
+
+
+# PAUC's regularizers as pcl_ext reads them (pcl_ext.loss documents the formulas): each
+# cluster present in the batch is selected by boolean masks, its prototype-level feature is
+# the normalized mean of its rows, and Wang and Isola's metrics are taken literally
+# (``torch.pdist``), one granularity at a time.
+
+def pauc_alignment(q: Tensor, prototypes: Sequence[Tensor], assignments: Sequence[Tensor],
+                   alpha: float = 2.0) -> Tensor:
+    """Mean over granularities of mean_i ||q_i - prototype of i||^alpha."""
+    terms = [torch.stack([(q[i] - c[a[i]]).norm() ** alpha for i in range(len(q))]).mean()
+             for c, a in zip(prototypes, assignments)]
+    return sum(terms) / len(terms)
+
+
+def batch_prototypes(q: Tensor, assignments: Tensor) -> Tensor:
+    """One row per cluster present in the batch (increasing id): its rows' normalized mean."""
+    return torch.stack([F.normalize(q[assignments == c].mean(0), dim=0)
+                        for c in sorted(set(assignments.tolist()))])
+
+
+def pauc_uniformity(q: Tensor, assignments: Sequence[Tensor], t: float = 2.0) -> Tensor:
+    """Mean over granularities of log mean_{pairs of distinct batch clusters}
+    exp(-t ||u_c - u_c'||^2); 0 for a batch in one cluster."""
+    terms = []
+    for a in assignments:
+        u = batch_prototypes(q, a)
+        terms.append(torch.pdist(u).pow(2).mul(-t).exp().mean().log() if len(u) > 1
+                     else q.new_zeros(()))
+    return sum(terms) / len(terms)
+
+
+def pauc_correlation(q: Tensor, assignments: Sequence[Tensor], eps: float = 1e-5) -> Tensor:
+    """Mean over granularities of the mean squared off-diagonal entry of the correlation
+    matrix (variances + eps) of the batch clusters' features."""
+    terms = []
+    for a in assignments:
+        u = batch_prototypes(q, a)
+        z = u - u.mean(0)
+        cov = z.t() @ z / len(u)
+        std = (cov.diagonal() + eps).sqrt()
+        corr = cov / torch.outer(std, std)
+        d = corr.shape[0]
+        terms.append(sum(corr[i, j] ** 2 for i in range(d) for j in range(d) if i != j)
+                     / (d * (d - 1)))
+    return sum(terms) / len(terms)

@@ -40,8 +40,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from tqdm import tqdm
 
 from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
-from .data import build_datasets
+from .cluster import coagulation_stats
+from .data import AUGMENTATIONS, build_datasets
 from .evaluate import evaluate_checkpoint, extract_features, initial_encoder, load_checkpoint
+from .loss import alignment, uniformity
 from .models import ARCHS
 
 # PCL's defaults (main_pcl.py), for ImageNet with 8 GPUs.
@@ -129,8 +131,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.add_argument(flag, type=FLAG_TYPES[name], default=argparse.SUPPRESS,
                        choices=list(ARCHS) if name == "arch" else None,
                        help=f"PCL: {PCL_DEFAULTS[name]}")
-    p.add_argument("--crop-min", type=bounded(float, 0, 1, low_open=True), default=0.2,
-                   help="smallest area fraction of the random crops (MoCo v2: 0.2)")
+    p.add_argument("--aug", choices=list(AUGMENTATIONS), default="aug-plus",
+                   help="the views: MoCo v2's aug-plus, or InfoMin Aug (stronger crops and "
+                        "colour jitter, then RandAugment; pcl_ext.data.pretrain_transform)")
+    p.add_argument("--crop-min", type=bounded(float, 0, 1, low_open=True), default=None,
+                   help="smallest area fraction of the random crops (default: the views', "
+                        "MoCo v2: 0.2, InfoMin: 0.08)")
     p.add_argument("--shuffle-bn-splits", type=bounded(int, 1), default=1,
                    help="shuffle BN: the key encoder's batch norm sees this many random "
                         "sub-batches per process (MoCo: one per GPU, 32 images each; 1 = off). "
@@ -146,6 +152,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--nredo", type=bounded(int, 1), default=5, help="k-means restarts (PCL: 5)")
     p.add_argument("--niter", type=bounded(int, 1), default=20,
                    help="k-means iterations (PCL: 20)")
+    p.add_argument("--estep", choices=["cold", "warm"], default="cold",
+                   help="cold: PCL's k-means from random points at every E-step (--nredo runs "
+                        "of --niter iterations); warm: one run of --warm-niter iterations from "
+                        "the previous E-step's centroids (cold at the first E-step and where "
+                        "the number of clusters or the dimension changed)")
+    p.add_argument("--warm-niter", type=bounded(int, 1), default=5,
+                   help="k-means iterations of a warm-started E-step")
+    for term, what in (("align", "each embedding's distance to its prototype"),
+                       ("uniform", "uniformity of the batch's per-cluster mean embeddings"),
+                       ("corr", "correlation between their dimensions")):
+        p.add_argument(f"--pauc-{term}", type=bounded(float, 0), default=0.0,
+                       help=f"weight of PAUC's {term} term ({what}; pcl_ext.ProtoNCELoss "
+                            "documents this package's reading of it); 0 = PCL")
     p.add_argument("--workers", type=bounded(int, 0), default=0, help="data loader processes")
     p.add_argument("--max-samples", type=bounded(int, 1), default=None,
                    help="train on the first N samples only (smoke runs)")
@@ -217,14 +236,25 @@ def compute_features(model: nn.Module, dataset, args, env: Distributed) -> Tenso
     return out
 
 
-def run_estep(model_k: nn.Module, dataset, args, env: Distributed) -> ClusterResult:
-    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme)."""
+def run_estep(model_k: nn.Module, dataset, args, env: Distributed,
+              init_centroids: Optional[list[Tensor]] = None,
+              ) -> tuple[ClusterResult, Optional[dict[str, list]]]:
+    """Cluster on rank 0 while the others wait, then broadcast (PCL's scheme); with
+    ``init_centroids`` (``--estep warm``) k-means starts from them. Also returns, on rank 0,
+    the E-step's log entries: per granularity the coagulation statistics
+    (:func:`pcl_ext.cluster.coagulation_stats`), the k-means seconds and whether it was
+    warm-started."""
     features = compute_features(model_k, dataset, args, env)
-    result = None
+    result, log = None, None
     if env.master:
         result = cluster(features, args.num_cluster, niter=args.niter, nredo=args.nredo,
-                         temperature=args.temperature, seed=args.seed).to("cpu")
-    return env.broadcast(result).to(env.device)
+                         temperature=args.temperature, seed=args.seed,
+                         init_centroids=init_centroids, warm_niter=args.warm_niter)
+        stats = coagulation_stats(features, result)
+        log = {"num_clusters": list(args.num_cluster), "kmeans_seconds": result.kmeans_seconds,
+               "warm": result.warm, **{key: [s[key] for s in stats] for key in stats[0]}}
+        result = result.to("cpu")
+    return env.broadcast(result).to(env.device), log
 
 
 def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> float:
@@ -233,6 +263,13 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: int, args) -> 
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+@torch.no_grad()
+def batch_geometry(q: Tensor, k: Tensor) -> Tensor:
+    """Wang and Isola's alignment of the batch's pairs of views and uniformity of its
+    queries, ``[2]`` float64 on the device (summed over the epoch without host reads)."""
+    return torch.stack([alignment(q, k), uniformity(q)]).double()
 
 
 @torch.no_grad()
@@ -265,6 +302,7 @@ def encode_keys(model_k, im_k: Tensor, splits: int, env: Optional[Distributed] =
 def train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler, loader,
                     cluster_result, epoch: int, args, env: Distributed) -> dict[str, float]:
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, acc_inst, acc_proto
+    geometry = torch.zeros(2, dtype=torch.float64, device=env.device)  # alignment, uniformity
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (args.progress and env.master),
                leave=False)
@@ -286,15 +324,20 @@ def train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler, loade
         queue.enqueue_(k)
         acc_proto = criterion.acc_proto if cluster_result is not None else loss.new_zeros(())
         sums += torch.stack([loss.detach(), criterion.acc_inst, acc_proto]).double()
+        geometry += batch_geometry(q.detach(), k)
         steps += 1
         if env.master and args.progress and steps % 10 == 0:
             bar.set_postfix(loss=f"{sums[0].item() / steps:.3f}")
     if env.enabled:
         dist.all_reduce(sums)
         sums /= env.world
+        dist.all_reduce(geometry)
+        geometry /= env.world
     loss, acc_inst, acc_proto = (sums / max(steps, 1)).tolist()
+    align, uniform = (geometry / max(steps, 1)).tolist()
     return {"loss": loss, "acc_inst": acc_inst,
-            "acc_proto": acc_proto if cluster_result is not None else None}
+            "acc_proto": acc_proto if cluster_result is not None else None,
+            "align": align, "uniform": uniform}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -333,7 +376,8 @@ def plot_metrics(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    axes = axes.ravel()
     axes[0].plot(epochs, [h["loss"] for h in history])
     axes[0].set_title("loss")
     axes[1].plot(epochs, [h["acc_inst"] for h in history], label="instance")
@@ -346,6 +390,26 @@ def plot_metrics(history: list[dict], path: Path) -> None:
     axes[2].plot(epochs, [h["estep_seconds"] for h in history], label="E-step")
     axes[2].set_title("seconds")
     axes[2].legend()
+    # Coagulation monitors (runs logged before they existed have none of these keys).
+    for ax, key, title in ((axes[3], "align", "alignment of the views (lower: closer)"),
+                           (axes[4], "uniform", "uniformity of the batch (lower: spread)")):
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points))
+        ax.set_title(title)
+    esteps = [h for h in history if "spread_ratio" in h]
+    for ax, keys, title in ((axes[5], ["spread_ratio"], "intra-cluster / inter-prototype RMS"),
+                            (axes[6], ["empty_share", "singleton_share"],
+                             "share of empty (-) and singleton (--) clusters"),
+                            (axes[7], ["phi_cv"], "spread of phi (std / mean)")):
+        for m in range(len(esteps[0]["spread_ratio"]) if esteps else 0):
+            for key, style in zip(keys, ("-", "--")):
+                ax.plot([h["epoch"] for h in esteps], [h[key][m] for h in esteps], style,
+                        color=f"C{m}", label=f"K={esteps[0]['num_clusters'][m]}"
+                        if key == keys[0] else None)
+        if esteps:
+            ax.legend()
+        ax.set_title(title)
     for ax in axes:
         ax.set_xlabel("epoch")
     fig.tight_layout()
@@ -370,7 +434,7 @@ def train(args: argparse.Namespace) -> dict:
 
     train_set, train_eval_set, test_set, info = build_datasets(
         args.dataset, args.data_root, image_size=args.image_size,
-        crop_scale=(args.crop_min, 1.0))
+        crop_scale=None if args.crop_min is None else (args.crop_min, 1.0), aug=args.aug)
     if args.max_samples is not None:
         keep = list(range(min(args.max_samples, len(train_set))))
         train_set, train_eval_set = Subset(train_set, keep), Subset(train_eval_set, keep)
@@ -392,13 +456,16 @@ def train(args: argparse.Namespace) -> dict:
     model_k = copy.deepcopy(model_q).requires_grad_(False)
     queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
     criterion = ProtoNCELoss(args.temperature, args.pcl_r,
-                             generator=torch.Generator(env.device).manual_seed(args.seed))
+                             generator=torch.Generator(env.device).manual_seed(args.seed),
+                             align_weight=args.pauc_align, uniform_weight=args.pauc_uniform,
+                             corr_weight=args.pauc_corr)
     optimizer = torch.optim.SGD(model_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     if args.amp == "fp16" and env.device.type != "cuda":
         sys.exit(f"--amp fp16 needs a CUDA device (got {env.device}); use --amp bf16 on CPUs")
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
     start_epoch, history = 0, []
+    last_centroids = None  # the previous E-step's prototypes: where --estep warm starts
     if args.resume and ckpt_path.exists():
         try:
             ckpt = load_checkpoint(ckpt_path, map_location=env.device)
@@ -413,6 +480,8 @@ def train(args: argparse.Namespace) -> dict:
         criterion.generator.set_state(ckpt["sampler_rng"])
         set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, history = ckpt["epoch"], ckpt["history"]  # the E-step reruns each epoch
+        if ckpt.get("cluster_result") is not None:
+            last_centroids = list(ckpt["cluster_result"]["centroids"])
         if env.master:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
     elif args.resume and env.master:
@@ -437,15 +506,18 @@ def train(args: argparse.Namespace) -> dict:
         else:
             sampler.generator.manual_seed(args.seed + epoch)
         start = time.perf_counter()
-        cluster_result = None
+        cluster_result, estep_log = None, None
         if epoch >= args.warmup_epochs and args.num_cluster:
-            cluster_result = run_estep(model_k, train_eval_set, args, env)
+            cluster_result, estep_log = run_estep(
+                model_k, train_eval_set, args, env,
+                last_centroids if args.estep == "warm" else None)
+            last_centroids = cluster_result.centroids
         estep_seconds = time.perf_counter() - start
         lr = adjust_learning_rate(optimizer, epoch, args)
         metrics = train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler,
                                   loader, cluster_result, epoch, args, env)
         metrics.update(epoch=epoch, lr=lr, epoch_seconds=time.perf_counter() - start,
-                       estep_seconds=estep_seconds)
+                       estep_seconds=estep_seconds, **(estep_log or {}))
         history.append(metrics)
         rngs = [None] * env.world
         if env.enabled:

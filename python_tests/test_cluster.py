@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
 import pcl_ext
-from pcl_ext.cluster import ClusterResult, _kmeans_torch, _TorchDataset, kmeans
+from pcl_ext.cluster import (ClusterResult, _kmeans_torch, _TorchDataset, coagulation_stats,
+                             kmeans)
 
 from conftest import cuda_only
 FAST = dict(nredo=1)  # PCL's nredo=5 only where the test needs the best of several runs
@@ -265,3 +266,107 @@ def test_torch_dataset_on_cuda_matches_cpu():
     torch.testing.assert_close(dist_c.cpu(), dist, atol=1e-5, rtol=1e-4)
     if (assign == assign_c).all():
         torch.testing.assert_close(sums_c.cpu(), sums, atol=1e-4, rtol=1e-4)
+
+
+def test_coagulation_stats_by_brute_force():
+    x = unit_features(n=700, d=8, seed=4)
+    result = pcl_ext.cluster(x, (5, 40), seed=2, **FAST)
+    stats = coagulation_stats(x, result, block_rows=100)
+    assert len(stats) == 2
+    for m, s in enumerate(stats):
+        a, c, phi = result.im2cluster[m], result.centroids[m].double(), result.density[m].double()
+        x64 = x.double()
+        sizes = torch.bincount(a, minlength=len(c))
+        used = c[sizes > 0]
+        pair_sq = [(used[i] - used[j]).square().sum() for i in range(len(used))
+                   for j in range(len(used)) if i != j]
+        spread_sq = torch.stack([(x64[i] - c[a[i]]).square().sum() for i in range(len(x))])
+        want = (spread_sq.mean() / torch.stack(pair_sq).mean()).sqrt()
+        assert s["spread_ratio"] == pytest.approx(want.item(), rel=1e-6)  # float32 features
+        assert s["empty_share"] == (sizes == 0).sum().item() / len(c)
+        assert s["singleton_share"] == (sizes == 1).sum().item() / len(c)
+        assert s["phi_cv"] == pytest.approx(np.std(phi.numpy()) / np.mean(phi.numpy()), rel=1e-9)
+
+
+def test_coagulation_stats_counts_and_tightness():
+    x, labels = blobs(num_blobs=4, per_blob=100, noise=0.01)
+    protos = F.normalize(torch.stack([x[labels == b].mean(0) for b in range(4)]
+                                     + [-x[0], x[1]]), dim=1)      # cluster 4 empty, 5 a singleton
+    assign = labels.clone()
+    assign[1] = 5
+    phi = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    (tight,) = coagulation_stats(x, ClusterResult([assign], [protos], [phi]))
+    assert tight["empty_share"] == 1 / 6 and tight["singleton_share"] == 1 / 6
+    assert tight["spread_ratio"] < 0.05                              # samples on their prototype
+    assert tight["phi_cv"] == pytest.approx(np.std([1, 2, 3, 4, 5, 6]) / 3.5)
+    loose = unit_features(n=400, d=16)
+    (spread,) = coagulation_stats(loose, pcl_ext.cluster(loose, 4, **FAST))
+    assert 0.4 < spread["spread_ratio"] < 1.0 and spread["empty_share"] == 0
+    with pytest.raises(ValueError, match="`result`"):
+        coagulation_stats(loose[:10], ClusterResult([assign], [protos], [phi]))
+
+
+def lloyd_step(x, centroids):
+    """One Lloyd iteration by hand: the mean of the rows nearest to each centroid."""
+    nearest = torch.cdist(x.double(), centroids.double()).argmin(1)
+    return torch.stack([x[nearest == c].double().mean(0) for c in range(len(centroids))])
+
+
+@pytest.mark.parametrize("backend", ["faiss-cpu", "torch"])
+def test_kmeans_starts_from_init(backend):
+    x, _ = blobs(num_blobs=5, per_blob=80, noise=0.3, seed=1)
+    init = x[:5] + 0.01  # five rows of the data, not faiss's random choice
+    if backend == "torch":  # the torch-CUDA backend's code path, run on CPU tensors
+        centroids, _, _ = _kmeans_torch(x, 5, niter=1, nredo=1, seed=0, verbose=False,
+                                        max_points_per_centroid=1000,
+                                        min_points_per_centroid=1, init=init)
+    else:
+        centroids = kmeans(x, 5, niter=1, init=init, min_points_per_centroid=1).centroids
+    torch.testing.assert_close(centroids.double(), lloyd_step(x, init), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="`init`"):
+        kmeans(x, 5, init=init[:4])
+    with pytest.raises(ValueError, match="`init`"):
+        kmeans(x, 5, init=init, nredo=2)
+
+
+def test_warm_start_from_previous_result():
+    # A warm start keeps the previous clustering's local optima: with these blobs at noise 0.1
+    # a one-run cold start merges two of them, and so does the warm start from it (PCL's
+    # nredo=5 from scratch can escape that). At noise 0.2 the cold run finds the blobs.
+    x, labels = blobs(num_blobs=6, per_blob=150, noise=0.2, seed=3)
+    cold = pcl_ext.cluster(x, (6, 30), seed=1, **FAST)
+    assert cold.warm == [False, False]
+    moved = F.normalize(x + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)),
+                        dim=1)  # the next epoch's features: moved a little
+    # Granularity 1's entry has a different K: it falls back to PCL's cold scheme.
+    warm = pcl_ext.cluster(moved, (6, 40), seed=1, init_centroids=cold.centroids, warm_niter=3,
+                           **FAST)
+    assert warm.warm == [True, False]
+    assert ami(warm.im2cluster[0], cold.im2cluster[0]) > 0.95
+    recold = pcl_ext.cluster(moved, (6, 40), seed=1, **FAST)
+    assert ami(warm.im2cluster[0], labels) > 0.85
+    assert warm.objective[0] <= 1.01 * recold.objective[0]  # as good as a cold run here
+    assert torch.equal(warm.im2cluster[1], recold.im2cluster[1])  # the cold one is PCL's
+    # Wrong dimension or no entry: cold too.
+    other = pcl_ext.cluster(moved, (6, 30), seed=1, init_centroids=[cold.centroids[0][:, :8]],
+                            **FAST)
+    assert other.warm == [False, False]
+    assert pcl_ext.cluster(moved, (6,), init_centroids=[None], **FAST).warm == [False]
+    with pytest.raises(ValueError, match="`warm_niter`"):
+        pcl_ext.cluster(moved, (6,), warm_niter=0)
+    assert warm.to("cpu").warm == [True, False]
+
+
+@cuda_only
+def test_warm_start_torch_cuda():
+    x, labels = blobs(num_blobs=6, per_blob=150, noise=0.2, seed=3)
+    cold = pcl_ext.cluster(x.cuda(), (6, 30), seed=1, **FAST)
+    warm = pcl_ext.cluster(x.cuda(), (6, 30), seed=1, init_centroids=cold.centroids,
+                           warm_niter=2, **FAST)
+    assert warm.backend == cold.backend == "torch-cuda" and warm.warm == [True, True]
+    assert ami(warm.im2cluster[0].cpu(), cold.im2cluster[0].cpu()) > 0.95
+    # One Lloyd step from the given centroids, as on the CPU.
+    init = x[:5].cuda() + 0.01
+    one = kmeans(x.cuda(), 5, niter=1, init=init, min_points_per_centroid=1).centroids
+    torch.testing.assert_close(one.double().cpu(), lloyd_step(x, init.cpu()), atol=1e-5,
+                               rtol=1e-5)

@@ -304,3 +304,61 @@ def test_colour_jitter_rgb_only():
 def test_bad_name():
     with pytest.raises(ValueError, match="name"):
         build_datasets("mnist")
+
+
+# ---------------------------------------------------------------------------- InfoMin views
+
+@pytest.mark.parametrize("channels,size", [(1, 16), (1, 28), (3, 32), (3, 64)])
+def test_infomin_views_shapes_dtype_and_seed(channels, size):
+    augment = data.pretrain_transform(size, channels, [0.3] * channels, [0.2] * channels,
+                                      aug="infomin")
+    image = torch.randint(0, 256, (channels, 24, 24), dtype=torch.uint8)
+    pil = Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy())
+    for source in (image, pil):
+        torch.manual_seed(3)
+        views = [augment(source) for _ in range(8)]
+        for v in views:
+            assert v.shape == (channels, size, size) and v.dtype == torch.float32
+            assert torch.isfinite(v).all()
+        torch.manual_seed(3)
+        assert all(torch.equal(v, augment(source)) for v in views)  # deterministic under a seed
+        assert not torch.equal(views[0], views[1])
+
+
+def test_infomin_preset():
+    gray = data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin")
+    rgb = data.pretrain_transform(64, 3, [0.5, 0.4, 0.3], [0.2] * 3, aug="infomin")
+    for t, fill in ((gray, [76]), (rgb, [128, 102, 76])):
+        steps = {}  # the first step of each kind: the colour jitter's RandomApply, not blur's
+        for x in t.transforms:
+            steps.setdefault(type(x).__name__, x)
+        names = list(steps)
+        assert names.index("RandAugment") > names.index("RandomApply")  # on top of aug-plus's
+        ra = steps["RandAugment"]
+        assert (ra.num_ops, ra.magnitude, ra.num_magnitude_bins) == (2, 30, 31)
+        assert ra.fill == fill                                      # the data's mean colour
+        assert steps["RandomResizedCrop"].scale == (0.08, 1.0)     # stronger crops
+        jitter = steps["RandomApply"].transforms[0]
+        assert jitter.brightness == pytest.approx((0.2, 1.8))      # 0.8, not aug-plus's 0.4
+    assert "RandomGrayscale" not in repr(gray) and "hue" not in repr(gray)
+    assert "hue=(-0.2, 0.2)" in repr(rgb) and "RandomGrayscale" in repr(rgb)
+    assert "Blur" not in repr(gray) and "GaussianBlur" in repr(rgb)   # blur above 32 px only
+    assert data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin",
+                                   crop_scale=(0.3, 1.0)).transforms[0].scale == (0.3, 1.0)
+    with pytest.raises(ValueError, match="`aug`"):
+        data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomax")
+
+
+@needs_sklearn
+def test_aug_plus_stays_the_default():
+    train, *_ = build_datasets("digits", image_size=16)
+    assert repr(train.transform.transform) == repr(
+        data.pretrain_transform(16, 1, train.transform.transform.transforms[-2].mean,
+                                train.transform.transform.transforms[-2].std, flip=False))
+    assert "RandAugment" not in repr(train.transform) and "scale=(0.2, 1.0)" in repr(
+        train.transform)
+    infomin, *_ = build_datasets("digits", image_size=16, aug="infomin")
+    assert "RandAugment" in repr(infomin.transform) and "scale=(0.08, 1.0)" in repr(
+        infomin.transform)
+    views, index = infomin[5]
+    assert [v.shape for v in views] == [(1, 16, 16)] * 2 and index == 5

@@ -260,3 +260,86 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # Both ranks' keys went into the queue: 2 ranks x 8 rows per step.
     assert int(ckpt["queue"]["ptr"]) == (2 * (96 // 16) * 16) % 32
     assert len(ckpt["cluster_result"]["im2cluster"][0]) == 96
+
+
+def test_pauc_flags_add_their_terms_after_the_warmup(tmp_path):
+    args = TINY + ["--epochs", "2", "--warmup-epochs", "1", "--no-eval"]
+    losses = {}
+    for name, extra in (("plain", []), ("pauc", ["--pauc-align", "0.5", "--pauc-uniform", "0.5",
+                                                 "--pauc-corr", "0.5"])):
+        train.train(train.parse_args(args + extra + ["--out", str(tmp_path / name)]))
+        losses[name] = [h["loss"] for h in load(tmp_path / name / "checkpoint.pt")["history"]]
+    assert losses["pauc"][0] == losses["plain"][0]  # MoCo warm-up: no clusters, no terms
+    assert losses["pauc"][1] != losses["plain"][1] and math.isfinite(losses["pauc"][1])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--pauc-uniform", "-1"])
+
+
+def test_estep_logs_coagulation_monitors(tmp_path):
+    out = tmp_path / "run"
+    train.train(train.parse_args(TINY + ["--epochs", "3", "--warmup-epochs", "1", "--no-eval",
+                                         "--num-cluster", "4,24", "--out", str(out)]))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for h in lines:  # every epoch: Wang and Isola's metrics of the training batches
+        assert 0 <= h["align"] <= 4 and -4 <= h["uniform"] <= 0
+    assert "spread_ratio" not in lines[0]  # warm-up: no E-step
+    for h in lines[1:]:
+        assert h["num_clusters"] == [4, 24] and len(h["kmeans_seconds"]) == 2
+        assert all(0 < r < 2 for r in h["spread_ratio"])
+        for key in ("empty_share", "singleton_share"):
+            assert len(h[key]) == 2 and all(0 <= s <= 1 for s in h[key])
+        assert all(c >= 0 for c in h["phi_cv"])
+    # 96 samples in 24 clusters: singletons are likely; the log reports what the E-step saw.
+    ckpt = load(out / "checkpoint.pt")
+    sizes = torch.bincount(ckpt["cluster_result"]["im2cluster"][1], minlength=24)
+    assert lines[-1]["singleton_share"][1] == (sizes == 1).double().mean().item()
+    assert lines[-1]["empty_share"][1] == (sizes == 0).double().mean().item()
+    assert (out / "metrics.png").stat().st_size > 0
+    train.plot_metrics([{k: h[k] for k in ("epoch", "loss", "acc_inst", "acc_proto",
+                                            "epoch_seconds", "estep_seconds")} for h in lines],
+                       tmp_path / "old-log.png")  # a log from before the monitors still plots
+
+
+def test_infomin_views_flag(tmp_path):
+    default = train.parse_args(TINY)
+    assert default.aug == "aug-plus" and default.crop_min is None
+    out = tmp_path / "infomin"
+    train.train(train.parse_args(TINY + ["--epochs", "1", "--aug", "infomin", "--no-eval",
+                                         "--out", str(out)]))
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["args"]["aug"] == "infomin" and math.isfinite(ckpt["history"][0]["loss"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--aug", "randaugment"])
+
+
+def test_warm_estep_logs_and_survives_a_resume(tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "3", "--warmup-epochs", "1", "--estep", "warm", "--warm-niter",
+                   "2", "--no-eval"]
+    train.train(train.parse_args(args + ["--out", str(tmp_path / "straight")]))
+    straight = load(tmp_path / "straight" / "checkpoint.pt")
+    # The first E-step is cold (no previous centroids), the next one warm.
+    assert [h.get("warm") for h in straight["history"]] == [None, [False, False], [True, True]]
+    assert all(len(h["kmeans_seconds"]) == 2 for h in straight["history"][1:])
+
+    plot = train.plot_metrics
+
+    def stop_after_two_epochs(history, path):  # a kill right after epoch 1's checkpoint
+        plot(history, path)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "plot_metrics", stop_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_args(args + ["--out", str(tmp_path / "killed")]))
+    monkeypatch.undo()
+    train.train(train.parse_args(args + ["--out", str(tmp_path / "killed"), "--resume"]))
+    resumed = load(tmp_path / "killed" / "checkpoint.pt")
+    # The resumed epoch started from the checkpoint's centroids: the same weights as without
+    # the interruption (a cold restart there would have clustered differently).
+    assert resumed["history"][2]["warm"] == [True, True]
+    for name in ("model_q", "model_k"):
+        for key in straight[name]:
+            assert torch.equal(straight[name][key], resumed[name][key]), (name, key)
+    for a, b in zip(straight["cluster_result"]["im2cluster"],
+                    resumed["cluster_result"]["im2cluster"]):
+        assert torch.equal(a, b)
