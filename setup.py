@@ -72,13 +72,14 @@ def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # no-trapping-math lets GCC if-convert (and so vectorize) the clamped exp of the CPU kernel.
     cxx = opt + ["-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
-                 "-DPCL_EXT_PYTHON_MODULE"]
+                 "-fvisibility=hidden", "-DPCL_EXT_PYTHON_MODULE"]
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
                 py_limited_api=True)
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         args["extra_compile_args"]["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr",
-                                                    "-lineinfo"] + wheel_cuda_includes()
+                                                    "-lineinfo", "-Xcompiler=-fvisibility=hidden"
+                                                    ] + wheel_cuda_includes()
         return cpp_extension.CUDAExtension("pcl_ext._C", sources, **args)
     return cpp_extension.CppExtension("pcl_ext._C", sources, **args)
 

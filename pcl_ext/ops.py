@@ -13,6 +13,23 @@ __all__ = ["proto_nce", "proto_nce_with_accuracy", "momentum_update_", "ring_enq
 
 # One section per op: the typed wrapper, its value checks, the fake kernel (and autograd).
 
+# The kernels' dtypes. The C++ ops check dtypes too, but a kernel on the LibTorch stable ABI can
+# raise only ValueError, IndexError or RuntimeError: the wrappers check first, for TypeError.
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CUDA_FLOATING = (torch.float32, torch.float16, torch.bfloat16)
+_LONG = (torch.int64,)
+
+
+def _check_dtype(op: str, name: str, t: Tensor, allowed: tuple[torch.dtype, ...],
+                 like: Optional[str] = None) -> None:
+    """TypeError naming ``name`` unless ``t.dtype`` is one of ``allowed`` (the dtype of the
+    argument ``like``, if given). Non-tensors are left to the op's own checks."""
+    if isinstance(t, Tensor) and t.dtype not in allowed:
+        names = [str(d) for d in allowed]
+        want = (f"dtype {names[0]} like `{like}`" if like is not None else
+                names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1])
+        raise TypeError(f"{op}: `{name}` must be {want}, got {t.dtype}")
+
 
 # ------------------------------------------------------------------------------- proto_nce
 def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor] = (),
@@ -81,6 +98,15 @@ def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
     if negatives is not None and len(negs) != len(prototypes):
         raise ValueError(f"proto_nce: `negatives` must hold one tensor per clustering "
                          f"({len(prototypes)}), got {len(negs)}")
+    # Half precision is computed in float32 on the CPU (below); CUDA has no float64 kernel.
+    _check_dtype("proto_nce", "q", q, _FLOATING if q.device.type == "cpu" else _CUDA_FLOATING)
+    _check_dtype("proto_nce", "k", k, (q.dtype,), like="q")
+    _check_dtype("proto_nce", "queue", queue, (q.dtype,), like="q")
+    for name, ts, allowed in (("prototypes", prototypes, (q.dtype,)), ("phi", phi, _FLOATING),
+                              ("assignments", assignments, _LONG), ("negatives", negs, _LONG)):
+        for m, t in enumerate(ts):
+            _check_dtype("proto_nce", f"{name}[{m}]", t, allowed,
+                         like="q" if name == "prototypes" else None)
     if torch.is_grad_enabled():
         for name, ts in (("queue", [queue]), ("prototypes", prototypes), ("phi", phi)):
             if any(t.requires_grad for t in ts):
@@ -192,6 +218,10 @@ def momentum_update_(key: torch.nn.Module | Iterable[Tensor],
     """
     keys = _tensor_list(key, "key")
     queries = _tensor_list(query, "query")
+    for i, (k, q) in enumerate(zip(keys, queries)):
+        if k.dtype not in _FLOATING or q.dtype != k.dtype:  # the names only on failure
+            _check_dtype("momentum_update_", f"key[{i}]", k, _FLOATING)
+            _check_dtype("momentum_update_", f"query[{i}]", q, (k.dtype,), like=f"key[{i}]")
     m = float(m)
     if not (keys or queries):  # nothing to dispatch on; the op checks `m` otherwise
         if not 0.0 <= m <= 1.0:
@@ -249,6 +279,9 @@ def ring_enqueue_(buffer: Tensor, ptr: Tensor, keys: Tensor) -> None:
     never writes out of bounds, but the result is then unspecified). Exact copies, so
     deterministic.
     """
+    _check_dtype("ring_enqueue_", "buffer", buffer, _FLOATING)
+    _check_dtype("ring_enqueue_", "ptr", ptr, _LONG)
+    _check_dtype("ring_enqueue_", "keys", keys, (buffer.dtype,), like="buffer")
     torch.ops.pcl_ext.ring_enqueue_.default(buffer, ptr, keys.detach())
 
 
@@ -305,6 +338,8 @@ def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"concentration: `temperature` must be a positive finite number, "
                          f"got {temperature}")
+    _check_dtype("concentration", "sq_dist", sq_dist, _FLOATING)
+    _check_dtype("concentration", "im2cluster", im2cluster, _LONG)
     if sq_dist.device.type != "cpu" and not _tracing():
         _check_concentration_values(sq_dist, im2cluster, num_clusters)
     phi, count = torch.ops.pcl_ext.cluster_stats.default(sq_dist.detach(), im2cluster,
@@ -391,6 +426,7 @@ def sample_negatives(assignments: Tensor, num_clusters: int, r: int,
         raise ValueError(f"sample_negatives: `r` must be >= 0, got {r}")
     if num_clusters < 1:
         raise ValueError(f"sample_negatives: `num_clusters` must be >= 1, got {num_clusters}")
+    _check_dtype("sample_negatives", "assignments", assignments, _LONG)
     if (assignments.device.type != "cpu" and r > num_clusters - assignments.numel()
             and assignments.numel() > 0 and assignments.dtype == torch.long
             and assignments.dim() == 1 and not _tracing()):
