@@ -345,8 +345,13 @@ def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
     phi, count = torch.ops.pcl_ext.cluster_stats.default(sq_dist.detach(), im2cluster,
                                                          num_clusters, float(alpha))  # K, K
     phi = torch.where(count > 1, phi, phi.max())  # the max over all K, zeros included, as PCL
-    # numpy.percentile's default method is torch.quantile's 'linear'.
-    lo, hi = torch.quantile(phi, torch.linspace(0.1, 0.9, 2, dtype=phi.dtype, device=phi.device))
+    # numpy.percentile's default method ('linear', as torch.quantile's): the order statistics
+    # around rank q (K - 1), interpolated. Written out because torch.quantile checks q with a
+    # data-dependent op, which breaks a torch.compile(fullgraph=True) graph on torch 2.11.
+    ranks = torch.linspace(0.1, 0.9, 2, dtype=phi.dtype, device=phi.device) * (num_clusters - 1)
+    below = ranks.long()  # floor: ranks >= 0
+    ordered = phi.sort().values
+    lo, hi = ordered[below].lerp(ordered[ranks.ceil().long()], ranks - below)
     phi = phi.clamp(lo, hi)
     # Zeros left after the clipping would divide a prototype's logits by zero (PCL: inf, then
     # NaN); they take the smallest positive value instead. No host synchronization.
