@@ -19,16 +19,18 @@ inline void check_momentum_args(const TensorList& key, const TensorList& query, 
   for (size_t i = 0; i < key.size(); ++i) {
     const Tensor& k = key[i];
     const Tensor& q = query[i];
-    PCL_CHECK_VALUE(is_floating(k.scalar_type()), "momentum_update_: `key[", i,
-                    "]` must be a floating tensor, got ", k.scalar_type());
-    PCL_CHECK_VALUE(q.scalar_type() == k.scalar_type(), "momentum_update_: `query[", i,
-                    "]` must have the dtype of `key[", i, "]` (", k.scalar_type(), "), got ",
+    const ScalarType dtype = k.scalar_type();
+    PCL_CHECK_VALUE(is_floating(dtype), "momentum_update_: `key[", i,
+                    "]` must be a floating tensor, got ", dtype);
+    PCL_CHECK_VALUE(q.scalar_type() == dtype, "momentum_update_: `query[", i,
+                    "]` must have the dtype of `key[", i, "]` (", dtype, "), got ",
                     q.scalar_type());
-    PCL_CHECK_VALUE(k.device().type() == device_type, "momentum_update_: `key[", i, "]` is on ",
-                    device_name(k), ", but the other tensors are on ",
+    const torch::stable::Device device = k.device();
+    PCL_CHECK_VALUE(device.type() == device_type, "momentum_update_: `key[", i, "]` is on ",
+                    DeviceName{device}, ", but the other tensors are on ",
                     DeviceName{torch::stable::Device(device_type)});
-    PCL_CHECK_VALUE(q.device() == k.device(), "momentum_update_: `query[", i, "]` must be on ",
-                    device_name(k), " like `key[", i, "]`, got ", device_name(q));
+    PCL_CHECK_VALUE(q.device() == device, "momentum_update_: `query[", i, "]` must be on ",
+                    DeviceName{device}, " like `key[", i, "]`, got ", device_name(q));
     PCL_CHECK_VALUE(q.sizes().equals(k.sizes()), "momentum_update_: `query[", i,
                     "]` must have the shape of `key[", i, "]` ", shape(k), ", got ", shape(q));
   }

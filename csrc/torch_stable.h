@@ -110,10 +110,13 @@ inline bool is_floating(ScalarType t) {
       THO_DISPATCH_CASE(torch::headeronly::ScalarType::BFloat16, __VA_ARGS__))
 
 // -------------------------------------------------------------------------- memory layout
+// (Each Tensor accessor is a call into libtorch: these read sizes and strides once.)
+
 // ATen's has_internal_overlap(t) == MemOverlap::Yes: a dimension repeats elements (stride 0).
 inline bool has_repeated_elements(const Tensor& t) {
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (t.size(i) > 1 && t.stride(i) == 0) return true;
+  const auto sizes = t.sizes(), strides = t.strides();
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] > 1 && strides[i] == 0) return true;
   }
   return false;
 }
@@ -121,17 +124,17 @@ inline bool has_repeated_elements(const Tensor& t) {
 // ATen's is_non_overlapping_and_dense(): the elements fill numel consecutive slots, each once,
 // in some order of the dimensions (contiguous, channels_last, any permutation).
 inline bool is_non_overlapping_and_dense(const Tensor& t) {
-  if (t.numel() == 0) return true;
-  std::vector<int64_t> dims;  // size-1 dimensions may have any stride
-  for (int64_t i = 0; i < t.dim(); ++i) {
-    if (t.size(i) != 1) dims.push_back(i);
+  const auto sizes = t.sizes(), strides = t.strides();
+  std::vector<size_t> dims;  // size-1 dimensions may have any stride
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] == 0) return true;
+    if (sizes[i] != 1) dims.push_back(i);
   }
-  std::sort(dims.begin(), dims.end(),
-            [&](int64_t a, int64_t b) { return t.stride(a) < t.stride(b); });
+  std::sort(dims.begin(), dims.end(), [&](size_t a, size_t b) { return strides[a] < strides[b]; });
   int64_t expected = 1;
-  for (int64_t i : dims) {
-    if (t.stride(i) != expected) return false;
-    expected *= t.size(i);
+  for (size_t i : dims) {
+    if (strides[i] != expected) return false;
+    expected *= sizes[i];
   }
   return true;
 }
@@ -140,13 +143,15 @@ inline bool is_non_overlapping_and_dense(const Tensor& t) {
 // storage): what makes a kernel that reads one and writes the other race is shared bytes.
 inline bool memory_overlaps(const Tensor& a, const Tensor& b) {
   auto span = [](const Tensor& t) {
+    const auto sizes = t.sizes(), strides = t.strides();
+    const auto element = static_cast<int64_t>(t.element_size());
     auto lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
     auto hi = lo;
-    for (int64_t i = 0; i < t.dim(); ++i) {
-      const int64_t reach = (t.size(i) - 1) * t.stride(i) * static_cast<int64_t>(t.element_size());
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const int64_t reach = (sizes[i] - 1) * strides[i] * element;
       (reach < 0 ? lo : hi) += reach;
     }
-    return std::array<uintptr_t, 2>{lo, hi + t.element_size()};
+    return std::array<uintptr_t, 2>{lo, hi + element};
   };
   if (a.numel() == 0 || b.numel() == 0) return false;
   const auto sa = span(a), sb = span(b);
