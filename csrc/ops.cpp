@@ -17,10 +17,12 @@ STABLE_TORCH_LIBRARY(pcl_ext, m) {
   // accumulated during the forward pass, so backward is a scale by the incoming gradient;
   // correct [1 + M, N] bool tells, per term and row, whether the target logit is the row's
   // largest (top-1 accuracy, for free). `negatives` empty: all-prototype mode; one tensor per
-  // clustering: sampled mode.
+  // clustering: sampled mode. `allow_tf32`: float32 on CUDA may use TF32 tensor cores (the
+  // caller passes torch's matmul precision setting, which the stable ABI cannot read).
   m.def(
       "proto_nce(Tensor q, Tensor k, Tensor queue, Tensor[] prototypes, Tensor[] phi, "
-      "Tensor[] assignments, Tensor[] negatives, float temperature) "
+      "Tensor[] assignments, Tensor[] negatives, float temperature, *, "
+      "bool allow_tf32=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // EMA of the key encoder: key[i] <- momentum * key[i] + (1 - momentum) * query[i], in place.
   m.def("momentum_update_(Tensor(a!)[] key, Tensor[] query, float momentum) -> ()");

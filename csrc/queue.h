@@ -1,13 +1,10 @@
-// Shared contract of the ring-buffer enqueue op: argument checks and the backend entry points.
+// Shared contract of the ring-buffer enqueue op: argument checks.
 // The semantics live once, in the docstring of pcl_ext.ring_enqueue_ (pcl_ext/ops.py).
 #pragma once
 
 #include "torch_stable.h"
 
 namespace pcl_ext {
-
-void ring_enqueue_cpu(const Tensor& buffer, const Tensor& ptr, const Tensor& keys);
-void ring_enqueue_cuda(const Tensor& buffer, const Tensor& ptr, const Tensor& keys);
 
 // Structural checks shared by every backend. The value of `ptr` lives in device memory: the
 // CPU kernel checks its range, the CUDA kernel cannot without a host synchronization.

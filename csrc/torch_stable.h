@@ -6,17 +6,12 @@
 // ones it includes are all csrc/ may use from torch.
 #pragma once
 
-// TODO(port): until the proto_nce files are ported too, the flag is set here, for the files
-// that include this header, instead of for every file in setup.py and CMakeLists.txt.
-#ifndef TORCH_TARGET_VERSION
-#define TORCH_TARGET_VERSION 0x020b000000000000ULL
-#endif
-
 // The shim declares its CUDA entry points (current stream, ...) only under USE_CUDA.
 #if defined(__CUDACC__) && !defined(USE_CUDA)
 #define USE_CUDA
 #endif
 
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -177,6 +172,29 @@ std::array<StableIValue, N> call_aten(const char* name, const char* overload,
   return stack;
 }
 
+// ---------------------------------------------------------------------------------- CPU GEMM
+// A [rows, cols] CPU matrix over `data` with the given strides, in elements (no copy: the caller
+// keeps the memory alive and does not write through a view of const data).
+template <typename T>
+Tensor cpu_matrix(const T* data, int64_t rows, int64_t cols, int64_t row_stride,
+                  int64_t col_stride) {
+  return torch::stable::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, col_stride},
+                                  torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                  torch::headeronly::CppTypeToScalarType<T>::value);
+}
+
+// out = a b and out += a b on the CPU, through the generated C shims, which call the CPU
+// kernels directly. The dispatcher's mm.out refuses, in a parallel_for worker, an `a` that
+// requires grad (the workers do not inherit the caller's below-autograd state), and addmm_'s
+// Scalar alpha and beta cannot pass through a stable dispatcher call.
+inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mm_out(out.get(), a.get(), b.get()));
+}
+inline void addmm_(const Tensor& out, const Tensor& a, const Tensor& b) {
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_cpu_addmm_out(out.get(), out.get(), a.get(), b.get(), 1.0, 1.0));
+}
+
 #if defined(__CUDACC__)
 // -------------------------------------------------------------------------------------- CUDA
 using torch::stable::accelerator::DeviceGuard;
@@ -186,6 +204,14 @@ inline cudaStream_t current_cuda_stream(const Tensor& t) {
   void* stream = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
+}
+
+// One property of a device (the stable ABI has no device-properties query; the runtime's
+// per-attribute query is cheap, unlike cudaGetDeviceProperties).
+inline int cuda_device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
 }
 #endif
 

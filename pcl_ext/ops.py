@@ -120,9 +120,21 @@ def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
         return loss.to(q.dtype), correct
     if check_values and q.device.type != "cpu" and not _tracing():
         _check_values(prototypes, phi, assignments, negs)
+    allow_tf32 = q.device.type == "cuda" and q.dtype == torch.float32 and _cuda_allows_tf32()
     loss, _, _, correct = torch.ops.pcl_ext.proto_nce.default(
-        q, k, queue, prototypes, phi, assignments, negs, float(temperature))
+        q, k, queue, prototypes, phi, assignments, negs, float(temperature),
+        allow_tf32=allow_tf32)
     return loss, correct
+
+
+@torch.compiler.assume_constant_result  # a setting, not data: torch.compile bakes it in
+def _cuda_allows_tf32() -> bool:
+    """Whether torch's float32 CUDA matmuls may use TF32 (the precision setting as resolved from
+    ``torch.backends.cuda.matmul.fp32_precision``, ``allow_tf32`` and
+    ``torch.set_float32_matmul_precision``): the op's ``allow_tf32``, which its kernel cannot
+    read from torch itself through the stable ABI. A change of the setting recompiles a
+    compiled caller (torch.compile guards on it)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def _tracing() -> bool:
@@ -167,12 +179,13 @@ def _raise_failed(caller: str, checks: list[tuple[Tensor, str]]) -> None:
 
 
 @torch.library.register_fake("pcl_ext::proto_nce")
-def _proto_nce_fake(q, k, queue, prototypes, phi, assignments, negatives, temperature):
+def _proto_nce_fake(q, k, queue, prototypes, phi, assignments, negatives, temperature, *,
+                    allow_tf32=False):
     return (q.new_empty(()), q.new_empty(q.shape), q.new_empty(q.shape),
             q.new_empty((1 + len(prototypes), q.shape[0]), dtype=torch.bool))
 
 
-def _proto_nce_setup_context(ctx, inputs, output):
+def _proto_nce_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, dq, dk, correct = output
     ctx.save_for_backward(dq, dk)
     ctx.mark_non_differentiable(correct)

@@ -36,8 +36,6 @@ void copy_rows(const Tensor& buffer, const Tensor& keys, int64_t first, int64_t 
   });
 }
 
-}  // namespace
-
 void ring_enqueue_cpu(const Tensor& buffer, const Tensor& ptr, const Tensor& keys) {
   check_ring_enqueue_args(buffer, ptr, keys);
   const int64_t size = buffer.size(0), batch = keys.size(0);
@@ -53,6 +51,8 @@ void ring_enqueue_cpu(const Tensor& buffer, const Tensor& ptr, const Tensor& key
                         [&] { copy_rows<scalar_t>(buffer, keys, first, start, rows); });
   *p = (*p + batch) % size;
 }
+
+}  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) {
   m.impl("ring_enqueue_", TORCH_BOX(&ring_enqueue_cpu));

@@ -87,8 +87,6 @@ void launch(const Tensor& buffer, const Tensor& ptr, const Tensor& keys, int64_t
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
 void ring_enqueue_cuda(const Tensor& buffer, const Tensor& ptr, const Tensor& keys) {
   check_ring_enqueue_args(buffer, ptr, keys);
   const int64_t size = buffer.size(0), batch = keys.size(0);
@@ -108,6 +106,8 @@ void ring_enqueue_cuda(const Tensor& buffer, const Tensor& ptr, const Tensor& ke
       PCL_INTERNAL_ASSERT(false, "ring_enqueue_: unexpected copy unit of ", word, " bytes");
   }
 }
+
+}  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) {
   m.impl("ring_enqueue_", TORCH_BOX(&ring_enqueue_cuda));
