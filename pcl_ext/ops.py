@@ -27,9 +27,10 @@ def _check_dtype(op: str, name: str, t: Tensor, allowed: tuple[torch.dtype, ...]
     argument ``like``, if given). Non-tensors are left to the op's own checks."""
     if isinstance(t, Tensor) and t.dtype not in allowed:
         names = [str(d) for d in allowed]
-        want = (f"dtype {names[0]} like `{like}`" if like is not None else
-                names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1])
-        raise TypeError(f"{op}: `{name}` must be {want}, got {t.dtype}")
+        want = (f"have dtype {names[0]} like `{like}`" if like is not None else
+                "be " + (names[0] if len(names) == 1 else
+                         ", ".join(names[:-1]) + " or " + names[-1]))
+        raise TypeError(f"{op}: `{name}` must {want}, got {t.dtype}")
 
 
 # ------------------------------------------------------------------------------- proto_nce
