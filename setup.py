@@ -1,5 +1,9 @@
 """Build pcl_ext: C++ kernels always, CUDA kernels when torch has CUDA and a toolkit is found.
 
+The kernels use only the LibTorch stable ABI, compiled for TORCH_MIN (TORCH_TARGET_VERSION): the
+binary needs nothing newer than torch TORCH_MIN exports, so one build (against any newer torch's
+headers) loads on every torch >= TORCH_MIN.
+
 Environment overrides:
   PCL_EXT_CUDA=0   force a CPU-only build
   PCL_EXT_CUDA=1   require the CUDA kernels (fail if they cannot be built)
@@ -18,6 +22,7 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+TORCH_MIN = "2.11"  # also in pyproject.toml's build requirement
 # One build for V100 (7.0), T4 (7.5), A100 (8.0) and H100 (9.0, with PTX for newer GPUs) when
 # no GPU is visible; CUDA 13's nvcc no longer builds 7.0. CMakeLists.txt reads this line too.
 PORTABLE_CUDA_ARCHS = "7.0;7.5;8.0;9.0"
@@ -47,19 +52,19 @@ def want_cuda() -> bool:
     return found
 
 
-def wheel_cuda_includes() -> list[str]:
-    """pip's CUDA torch ships the CUDA library headers (cusparse.h, cublas_v2.h, ...) that
-    ATen/cuda/CUDAContext.h includes; a bare toolkit may lack them. -isystem searches them
-    after the toolkit's own include folder, so the toolkit's runtime headers still win."""
-    root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
-    dirs = sorted(glob.glob(os.path.join(root, "*", "include")))
-    return [flag for d in dirs for flag in ("-isystem", d)]
+def target_version_flag() -> str:
+    """TORCH_TARGET_VERSION for TORCH_MIN: the torch headers then expose only the stable API of
+    that release (and the unstable headers #error), whichever newer torch compiles."""
+    major, minor = (int(v) for v in TORCH_MIN.split("."))
+    return f"-DTORCH_TARGET_VERSION={major << 56 | minor << 48:#018x}"
 
 
 def write_build_info(with_cuda: bool) -> None:
     with open(os.path.join(HERE, "pcl_ext", "_build_info.py"), "w") as f:
-        f.write("# Written by setup.py: the torch this package was compiled against.\n")
+        f.write("# Written by setup.py: the torch whose headers compiled this package, and the\n"
+                "# oldest torch the binary runs on (the stable ABI version it targets).\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"TORCH_MIN = {TORCH_MIN!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"VERSION = {VERSION!r}\n")
 
@@ -71,14 +76,17 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # no-trapping-math lets GCC if-convert (and so vectorize) the clamped exp of the CPU kernel.
-    cxx = opt + ["-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
-                 "-DPCL_EXT_PYTHON_MODULE"]
+    # Hidden visibility: the stable ABI's header-only types are hidden, and the library exports
+    # only PyInit__C (the ops register from static initializers).
+    common = [target_version_flag(), "-std=c++20"]
+    cxx = opt + common + ["-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                          "-fvisibility=hidden", "-DPCL_EXT_PYTHON_MODULE"]
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
                 py_limited_api=True)
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        args["extra_compile_args"]["nvcc"] = opt + ["-std=c++20", "--expt-relaxed-constexpr",
-                                                    "-lineinfo"] + wheel_cuda_includes()
+        args["extra_compile_args"]["nvcc"] = opt + common + [
+            "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-fvisibility=hidden"]
         return cpp_extension.CUDAExtension("pcl_ext._C", sources, **args)
     return cpp_extension.CppExtension("pcl_ext._C", sources, **args)
 
@@ -90,7 +98,7 @@ setup(
     packages=["pcl_ext"],
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    install_requires=["torch", "numpy"],
+    install_requires=[f"torch>={TORCH_MIN}", "numpy"],
     extras_require={
         "train": TRAIN_REQUIRES,
         "test": TRAIN_REQUIRES + ["pytest"],
@@ -98,5 +106,6 @@ setup(
     python_requires=">=3.10",
     entry_points={"console_scripts": ["pcl-train = pcl_ext.train:main",
                                       "pcl-evaluate = pcl_ext.evaluate:main"]},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # abi3 from CPython 3.10 on: torch's cpp_extension compiles with Py_LIMITED_API = 3.10.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

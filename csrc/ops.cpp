@@ -1,27 +1,28 @@
 // Every schema of the pcl_ext op library, in one place. Backends register their kernels in
 // csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in pcl_ext/ops.py.
-#include <torch/library.h>
+#include "torch_stable.h"
 
 #ifdef PCL_EXT_PYTHON_MODULE  // set by setup.py; the CMake build is a plain library
 #include <Python.h>
-extern "C" {
 // An empty module: importing pcl_ext._C loads this library, which runs the registrations.
-PyObject* PyInit__C(void) {
+// (The library is built with hidden visibility: PyMODINIT_FUNC exports this one symbol.)
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
-}
 #endif
 
-TORCH_LIBRARY(pcl_ext, m) {
+STABLE_TORCH_LIBRARY(pcl_ext, m) {
   // Fused ProtoNCE forward. Returns (loss, dloss/dq, dloss/dk, correct): the gradients are
   // accumulated during the forward pass, so backward is a scale by the incoming gradient;
   // correct [1 + M, N] bool tells, per term and row, whether the target logit is the row's
   // largest (top-1 accuracy, for free). `negatives` empty: all-prototype mode; one tensor per
-  // clustering: sampled mode.
+  // clustering: sampled mode. `allow_tf32`: float32 on CUDA may use TF32 tensor cores (the
+  // caller passes torch's matmul precision setting, which the stable ABI cannot read).
   m.def(
       "proto_nce(Tensor q, Tensor k, Tensor queue, Tensor[] prototypes, Tensor[] phi, "
-      "Tensor[] assignments, Tensor[] negatives, float temperature) "
+      "Tensor[] assignments, Tensor[] negatives, float temperature, *, "
+      "bool allow_tf32=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // EMA of the key encoder: key[i] <- momentum * key[i] + (1 - momentum) * query[i], in place.
   m.def("momentum_update_(Tensor(a!)[] key, Tensor[] query, float momentum) -> ()");

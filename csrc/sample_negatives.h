@@ -2,9 +2,7 @@
 // by. The semantics live once, in the docstring of pcl_ext.sample_negatives (pcl_ext/ops.py).
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/macros/Macros.h>
-#include <c10/util/Exception.h>
+#include "torch_stable.h"
 
 #include <cstdint>
 #include <cstring>
@@ -13,26 +11,26 @@
 namespace pcl_ext {
 
 // Structural checks shared by every backend.
-inline void check_sample_negatives_args(const at::Tensor& assignments, const at::Tensor& keys,
+inline void check_sample_negatives_args(const Tensor& assignments, const Tensor& keys,
                                         int64_t r) {
-  TORCH_CHECK_VALUE(assignments.dim() == 1,
-                    "sample_negatives: `assignments` must be 1-D [N], got shape ",
-                    assignments.sizes());
-  TORCH_CHECK_TYPE(assignments.scalar_type() == at::kLong,
-                   "sample_negatives: `assignments` must be int64, got ",
-                   assignments.scalar_type());
-  TORCH_CHECK_VALUE(keys.dim() == 1 && keys.size(0) >= 1,
-                    "sample_negatives: `keys` must be 1-D [num_clusters] and non-empty, got shape ",
-                    keys.sizes());
+  PCL_CHECK_VALUE(assignments.dim() == 1,
+                  "sample_negatives: `assignments` must be 1-D [N], got shape ",
+                  shape(assignments));
+  PCL_CHECK_VALUE(assignments.scalar_type() == ScalarType::Long,
+                  "sample_negatives: `assignments` must be int64, got ",
+                  assignments.scalar_type());
+  PCL_CHECK_VALUE(keys.dim() == 1 && keys.size(0) >= 1,
+                  "sample_negatives: `keys` must be 1-D [num_clusters] and non-empty, got shape ",
+                  shape(keys));
   // The CUDA kernel packs (key, id) into one int64: 32 bits each.
-  TORCH_CHECK_TYPE(keys.scalar_type() == at::kFloat,
-                   "sample_negatives: `keys` must be float32, got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(keys.size(0) <= std::numeric_limits<int32_t>::max(),
-                    "sample_negatives: at most 2^31 - 1 clusters, got ", keys.size(0));
-  TORCH_CHECK_VALUE(keys.device() == assignments.device(), "sample_negatives: `keys` must be on ",
-                    assignments.device(), " like `assignments`, got ", keys.device());
-  TORCH_CHECK_VALUE(r >= 0 && r <= keys.size(0), "sample_negatives: `r` must be in [0, ",
-                    keys.size(0), "] (the number of clusters), got ", r);
+  PCL_CHECK_VALUE(keys.scalar_type() == ScalarType::Float,
+                  "sample_negatives: `keys` must be float32, got ", keys.scalar_type());
+  PCL_CHECK_VALUE(keys.size(0) <= std::numeric_limits<int32_t>::max(),
+                  "sample_negatives: at most 2^31 - 1 clusters, got ", keys.size(0));
+  PCL_CHECK_VALUE(keys.device() == assignments.device(), "sample_negatives: `keys` must be on ",
+                  device_name(assignments), " like `assignments`, got ", device_name(keys));
+  PCL_CHECK_VALUE(r >= 0 && r <= keys.size(0), "sample_negatives: `r` must be in [0, ",
+                  keys.size(0), "] (the number of clusters), got ", r);
 }
 
 // The key's bits mapped so that unsigned integer order is float order (-0 is first made +0,

@@ -1,17 +1,18 @@
 """pcl_ext: fused kernels for Prototypical Contrastive Learning (PCL) in PyTorch."""
 import torch
 
-from ._build_info import TORCH_VERSION as _BUILT_WITH, VERSION as __version__
+from ._build_info import TORCH_MIN as _TORCH_MIN, VERSION as __version__
 
-if torch.__version__ != _BUILT_WITH:
-    raise ImportError(
-        f"pcl_ext was compiled against torch {_BUILT_WITH} but torch {torch.__version__} is "
-        "installed; rebuild it with `pip install --no-build-isolation .` in this environment")
+# The compiled ops use only the LibTorch stable ABI of torch _TORCH_MIN: any newer torch loads
+# them, an older one lacks symbols they need.
+if torch.__version__ < _TORCH_MIN:
+    raise ImportError(f"pcl_ext needs torch >= {_TORCH_MIN}, but torch {torch.__version__} is "
+                      "installed; upgrade torch")
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
-except ImportError as exc:  # an ABI mismatch shows up here as undefined symbols
-    raise ImportError(f"pcl_ext's compiled ops failed to load ({exc}); rebuild with "
-                      "`pip install --no-build-isolation .` against the installed torch") from exc
+except ImportError as exc:
+    raise ImportError(f"pcl_ext's compiled ops failed to load ({exc}); reinstall pcl_ext with "
+                      "`pip install .`") from exc
 
 from . import reference  # noqa: E402
 from .ops import concentration, momentum_update_, proto_nce, sample_negatives  # noqa: E402

@@ -13,6 +13,25 @@ __all__ = ["proto_nce", "proto_nce_with_accuracy", "momentum_update_", "ring_enq
 
 # One section per op: the typed wrapper, its value checks, the fake kernel (and autograd).
 
+# The kernels' dtypes. The C++ ops check dtypes too, but a kernel on the LibTorch stable ABI can
+# raise only ValueError, IndexError or RuntimeError: the wrappers check first, for TypeError.
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOATING_SET = frozenset(_FLOATING)
+_CUDA_FLOATING = (torch.float32, torch.float16, torch.bfloat16)
+_LONG = (torch.int64,)
+
+
+def _check_dtype(op: str, name: str, t: Tensor, allowed: tuple[torch.dtype, ...],
+                 like: Optional[str] = None) -> None:
+    """TypeError naming ``name`` unless ``t.dtype`` is one of ``allowed`` (the dtype of the
+    argument ``like``, if given). Non-tensors are left to the op's own checks."""
+    if isinstance(t, Tensor) and t.dtype not in allowed:
+        names = [str(d) for d in allowed]
+        want = (f"have dtype {names[0]} like `{like}`" if like is not None else
+                "be " + (names[0] if len(names) == 1 else
+                         ", ".join(names[:-1]) + " or " + names[-1]))
+        raise TypeError(f"{op}: `{name}` must {want}, got {t.dtype}")
+
 
 # ------------------------------------------------------------------------------- proto_nce
 def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor] = (),
@@ -81,6 +100,15 @@ def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
     if negatives is not None and len(negs) != len(prototypes):
         raise ValueError(f"proto_nce: `negatives` must hold one tensor per clustering "
                          f"({len(prototypes)}), got {len(negs)}")
+    # Half precision is computed in float32 on the CPU (below); CUDA has no float64 kernel.
+    _check_dtype("proto_nce", "q", q, _FLOATING if q.device.type == "cpu" else _CUDA_FLOATING)
+    _check_dtype("proto_nce", "k", k, (q.dtype,), like="q")
+    _check_dtype("proto_nce", "queue", queue, (q.dtype,), like="q")
+    for name, ts, allowed in (("prototypes", prototypes, (q.dtype,)), ("phi", phi, _FLOATING),
+                              ("assignments", assignments, _LONG), ("negatives", negs, _LONG)):
+        for m, t in enumerate(ts):
+            _check_dtype("proto_nce", f"{name}[{m}]", t, allowed,
+                         like="q" if name == "prototypes" else None)
     if torch.is_grad_enabled():
         for name, ts in (("queue", [queue]), ("prototypes", prototypes), ("phi", phi)):
             if any(t.requires_grad for t in ts):
@@ -93,9 +121,21 @@ def proto_nce_with_accuracy(q: Tensor, k: Tensor, queue: Tensor,
         return loss.to(q.dtype), correct
     if check_values and q.device.type != "cpu" and not _tracing():
         _check_values(prototypes, phi, assignments, negs)
+    allow_tf32 = q.device.type == "cuda" and q.dtype == torch.float32 and _cuda_allows_tf32()
     loss, _, _, correct = torch.ops.pcl_ext.proto_nce.default(
-        q, k, queue, prototypes, phi, assignments, negs, float(temperature))
+        q, k, queue, prototypes, phi, assignments, negs, float(temperature),
+        allow_tf32=allow_tf32)
     return loss, correct
+
+
+@torch.compiler.assume_constant_result  # a setting, not data: torch.compile bakes it in
+def _cuda_allows_tf32() -> bool:
+    """Whether torch's float32 CUDA matmuls may use TF32 (the precision setting as resolved from
+    ``torch.backends.cuda.matmul.fp32_precision``, ``allow_tf32`` and
+    ``torch.set_float32_matmul_precision``): the op's ``allow_tf32``, which its kernel cannot
+    read from torch itself through the stable ABI. A change of the setting recompiles a
+    compiled caller (torch.compile guards on it)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def _tracing() -> bool:
@@ -140,12 +180,13 @@ def _raise_failed(caller: str, checks: list[tuple[Tensor, str]]) -> None:
 
 
 @torch.library.register_fake("pcl_ext::proto_nce")
-def _proto_nce_fake(q, k, queue, prototypes, phi, assignments, negatives, temperature):
+def _proto_nce_fake(q, k, queue, prototypes, phi, assignments, negatives, temperature, *,
+                    allow_tf32=False):
     return (q.new_empty(()), q.new_empty(q.shape), q.new_empty(q.shape),
             q.new_empty((1 + len(prototypes), q.shape[0]), dtype=torch.bool))
 
 
-def _proto_nce_setup_context(ctx, inputs, output):
+def _proto_nce_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, dq, dk, correct = output
     ctx.save_for_backward(dq, dk)
     ctx.mark_non_differentiable(correct)
@@ -192,6 +233,11 @@ def momentum_update_(key: torch.nn.Module | Iterable[Tensor],
     """
     keys = _tensor_list(key, "key")
     queries = _tensor_list(query, "query")
+    key_dtypes = [k.dtype for k in keys]  # one pass first: ResNet-50 has 161 pairs
+    if key_dtypes != [q.dtype for q in queries] or not _FLOATING_SET.issuperset(key_dtypes):
+        for i, (k, q) in enumerate(zip(keys, queries)):
+            _check_dtype("momentum_update_", f"key[{i}]", k, _FLOATING)
+            _check_dtype("momentum_update_", f"query[{i}]", q, (k.dtype,), like=f"key[{i}]")
     m = float(m)
     if not (keys or queries):  # nothing to dispatch on; the op checks `m` otherwise
         if not 0.0 <= m <= 1.0:
@@ -249,6 +295,9 @@ def ring_enqueue_(buffer: Tensor, ptr: Tensor, keys: Tensor) -> None:
     never writes out of bounds, but the result is then unspecified). Exact copies, so
     deterministic.
     """
+    _check_dtype("ring_enqueue_", "buffer", buffer, _FLOATING)
+    _check_dtype("ring_enqueue_", "ptr", ptr, _LONG)
+    _check_dtype("ring_enqueue_", "keys", keys, (buffer.dtype,), like="buffer")
     torch.ops.pcl_ext.ring_enqueue_.default(buffer, ptr, keys.detach())
 
 
@@ -305,13 +354,20 @@ def concentration(sq_dist: Tensor, im2cluster: Tensor, num_clusters: int, *,
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"concentration: `temperature` must be a positive finite number, "
                          f"got {temperature}")
+    _check_dtype("concentration", "sq_dist", sq_dist, _FLOATING)
+    _check_dtype("concentration", "im2cluster", im2cluster, _LONG)
     if sq_dist.device.type != "cpu" and not _tracing():
         _check_concentration_values(sq_dist, im2cluster, num_clusters)
     phi, count = torch.ops.pcl_ext.cluster_stats.default(sq_dist.detach(), im2cluster,
                                                          num_clusters, float(alpha))  # K, K
     phi = torch.where(count > 1, phi, phi.max())  # the max over all K, zeros included, as PCL
-    # numpy.percentile's default method is torch.quantile's 'linear'.
-    lo, hi = torch.quantile(phi, torch.linspace(0.1, 0.9, 2, dtype=phi.dtype, device=phi.device))
+    # numpy.percentile's default method ('linear', as torch.quantile's): the order statistics
+    # around rank q (K - 1), interpolated. Written out because torch.quantile checks q with a
+    # data-dependent op, which breaks a torch.compile(fullgraph=True) graph on torch 2.11.
+    ranks = torch.linspace(0.1, 0.9, 2, dtype=phi.dtype, device=phi.device) * (num_clusters - 1)
+    below = ranks.long()  # floor: ranks >= 0
+    ordered = phi.sort().values
+    lo, hi = ordered[below].lerp(ordered[ranks.ceil().long()], ranks - below)
     phi = phi.clamp(lo, hi)
     # Zeros left after the clipping would divide a prototype's logits by zero (PCL: inf, then
     # NaN); they take the smallest positive value instead. No host synchronization.
@@ -391,6 +447,7 @@ def sample_negatives(assignments: Tensor, num_clusters: int, r: int,
         raise ValueError(f"sample_negatives: `r` must be >= 0, got {r}")
     if num_clusters < 1:
         raise ValueError(f"sample_negatives: `num_clusters` must be >= 1, got {num_clusters}")
+    _check_dtype("sample_negatives", "assignments", assignments, _LONG)
     if (assignments.device.type != "cpu" and r > num_clusters - assignments.numel()
             and assignments.numel() > 0 and assignments.dtype == torch.long
             and assignments.dim() == 1 and not _tracing()):

@@ -6,11 +6,6 @@
 // their own K partial sums to zero and merge would add code for little.
 #include "../concentration.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -28,11 +23,11 @@ void cluster_stats_cpu_impl(const T* dist, const int64_t* ids, int64_t n, int64_
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = ids[i];
     const double d = static_cast<double>(dist[i]);
-    TORCH_CHECK_INDEX(c >= 0 && c < k, "concentration: `im2cluster` holds cluster id ", c,
-                      " at position ", i, ", outside [0, ", k, ")");
-    TORCH_CHECK_VALUE(d >= 0.0 && d <= std::numeric_limits<double>::max(),
-                      "concentration: `sq_dist` must be finite and >= 0, got ", d, " at position ",
-                      i);
+    PCL_CHECK_INDEX(c >= 0 && c < k, "concentration: `im2cluster` holds cluster id ", c,
+                    " at position ", i, ", outside [0, ", k, ")");
+    PCL_CHECK_VALUE(d >= 0.0 && d <= std::numeric_limits<double>::max(),
+                    "concentration: `sq_dist` must be finite and >= 0, got ", d, " at position ",
+                    i);
     phi[c] += std::sqrt(d);
     count[c] += 1;
   }
@@ -42,27 +37,28 @@ void cluster_stats_cpu_impl(const T* dist, const int64_t* ids, int64_t n, int64_
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cluster_stats_cpu(const at::Tensor& sq_dist,
-                                                     const at::Tensor& im2cluster,
-                                                     int64_t num_clusters, double alpha) {
+std::tuple<Tensor, Tensor> cluster_stats_cpu(const Tensor& sq_dist, const Tensor& im2cluster,
+                                             int64_t num_clusters, double alpha) {
   check_cluster_stats_args(sq_dist, im2cluster, num_clusters, alpha);
-  const at::Tensor dist = sq_dist.reshape({-1}).contiguous();
-  const at::Tensor ids = im2cluster.reshape({-1}).contiguous();
+  const Tensor dist = ensure_contiguous(torch::stable::reshape(sq_dist, {-1}));
+  const Tensor ids = ensure_contiguous(torch::stable::reshape(im2cluster, {-1}));
   // float64 whatever the input: the percentile and the mean that follow in
   // pcl_ext.concentration then match NumPy's float64 arithmetic in PCL.
-  at::Tensor phi = at::empty({num_clusters}, dist.options().dtype(at::kDouble));
-  at::Tensor count = at::empty({num_clusters}, ids.options());
-  const auto dtype = dist.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cluster_stats", [&] {
+  Tensor phi = torch::stable::new_empty(dist, {num_clusters}, ScalarType::Double);
+  Tensor count = torch::stable::new_empty(ids, {num_clusters});
+  PCL_DISPATCH_FLOATING(dist.scalar_type(), "cluster_stats", [&] {
     cluster_stats_cpu_impl<scalar_t>(dist.const_data_ptr<scalar_t>(), ids.const_data_ptr<int64_t>(),
-                                     dist.numel(), num_clusters, alpha, phi.data_ptr<double>(),
-                                     count.data_ptr<int64_t>());
+                                     dist.numel(), num_clusters, alpha,
+                                     phi.mutable_data_ptr<double>(),
+                                     count.mutable_data_ptr<int64_t>());
   });
   return {phi, count};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) { m.impl("cluster_stats", &cluster_stats_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) {
+  m.impl("cluster_stats", TORCH_BOX(&cluster_stats_cpu));
+}
 
 }  // namespace pcl_ext

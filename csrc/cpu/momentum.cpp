@@ -3,17 +3,10 @@
 // The op streams 12 bytes per float32 parameter and does 3 flops on them, so it is memory
 // bound: the point is one pass, at the machine's vector width, with every thread busy. All
 // tensors are laid end to end in one flat element range cut into equal pieces, which the
-// threads of a single at::parallel_for claim one by one; a piece runs the vectorized loop
+// threads of a single parallel_for claim one by one; a piece runs the vectorized loop
 // over each (tensor, begin, end) it covers. MoCo's per-parameter Python loop instead makes
 // ~4 passes and 2 temporaries per parameter and runs small tensors single-threaded.
 #include "../momentum.h"
-
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -97,11 +90,11 @@ PCL_EXT_MOMENTUM_CLONES void ema(typename Io<T>::raw* __restrict key,
 struct Pair {
   void* key;
   const void* query;
-  at::ScalarType dtype;
+  ScalarType dtype;
 };
 
 void ema_range(const Pair& p, int64_t begin, int64_t end, double m) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "momentum_update_cpu", [&] {
+  PCL_DISPATCH_FLOATING(p.dtype, "momentum_update_cpu", [&] {
     using raw = typename Io<scalar_t>::raw;
     using acc = typename Io<scalar_t>::acc;
     ema<scalar_t>(static_cast<raw*>(p.key) + begin, static_cast<const raw*>(p.query) + begin,
@@ -113,17 +106,15 @@ void ema_range(const Pair& p, int64_t begin, int64_t end, double m) {
 // per-piece overhead vanishes, small enough that ResNet-50 splits into ~400 pieces (balance).
 constexpr int64_t kPiece = int64_t{1} << 16;
 
-void momentum_update_cpu(at::TensorList key, at::TensorList query, double momentum) {
-  check_momentum_args(key, query, momentum, c10::DeviceType::CPU);
-  // Copies of non-dense tensors are ATen calls on tensors that may require grad.
-  at::AutoDispatchBelowADInplaceOrView guard;
+void momentum_update_cpu(const TensorList& key, const TensorList& query, double momentum) {
+  check_momentum_args(key, query, momentum, torch::headeronly::DeviceType::CPU);
   const MomentumPairs pairs(key, query);
   std::vector<Pair> flat;
   std::vector<int64_t> offset{0};  // offset[t]: start of tensor t in the flat range
   flat.reserve(key.size());
   offset.reserve(key.size() + 1);
   for (size_t i = 0; i < key.size(); ++i) {
-    flat.push_back({pairs.key[i].data_ptr(), pairs.query[i].const_data_ptr(),
+    flat.push_back({pairs.key[i].mutable_data_ptr(), pairs.query[i].const_data_ptr(),
                     pairs.key[i].scalar_type()});
     offset.push_back(offset.back() + pairs.key[i].numel());
   }
@@ -133,8 +124,8 @@ void momentum_update_cpu(at::TensorList key, at::TensorList query, double moment
   // a descheduled thread then delays the step by one piece, not by its whole share (the
   // result does not depend on who computes which piece).
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(pieces, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  const int64_t workers = std::min<int64_t>(pieces, torch::stable::get_num_threads());
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < pieces;) {
       int64_t lo = p * kPiece;
       const int64_t hi = std::min(total, lo + kPiece);
@@ -152,6 +143,8 @@ void momentum_update_cpu(at::TensorList key, at::TensorList query, double moment
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) { m.impl("momentum_update_", &momentum_update_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) {
+  m.impl("momentum_update_", TORCH_BOX(&momentum_update_cpu));
+}
 
 }  // namespace pcl_ext

@@ -9,15 +9,6 @@
 // the extra memory is O(chunks * N * D + threads * tile * (N + D)).
 #include "../proto_nce.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/scalar_tensor.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -111,7 +102,7 @@ float exp_sum(float* s, const float* scale, int64_t n, float shift) {
 // src[assign[i]] / phi[assign[i]] (prototype terms; that column is also among the columns).
 template <typename T>
 struct Term {
-  at::Tensor src;                // [R, D] contiguous
+  Tensor src;                    // [R, D] contiguous
   const int64_t* ids = nullptr;  // column list, or nullptr for all rows of src
   int64_t ncols = 0;
   const T* phi = nullptr;        // [R], or nullptr for the constant inv_t
@@ -128,49 +119,49 @@ struct Chunk {
 template <typename T>
 void check_ids(const int64_t* ids, int64_t count, int64_t bound, const char* name, size_t m) {
   for (int64_t j = 0; j < count; ++j) {
-    TORCH_CHECK_INDEX(ids[j] >= 0 && ids[j] < bound, "proto_nce: `", name, "[", m,
-                      "]` holds cluster id ", ids[j], " at position ", j,
-                      ", outside [0, ", bound, ")");
+    PCL_CHECK_INDEX(ids[j] >= 0 && ids[j] < bound, "proto_nce: `", name, "[", m,
+                    "]` holds cluster id ", ids[j], " at position ", j, ", outside [0, ", bound,
+                    ")");
   }
 }
 
 template <typename T>
-ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
-                               const at::Tensor& queue_in, at::TensorList prototypes,
-                               at::TensorList phi_in, at::TensorList assignments,
-                               at::TensorList negatives, double temperature) {
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tensor& queue_in,
+                               const TensorList& prototypes, const TensorList& phi_in,
+                               const TensorList& assignments, const TensorList& negatives,
+                               double temperature) {
+  const Tensor q = ensure_contiguous(q_in), k = ensure_contiguous(k_in);
   const int64_t n = q.size(0), d = q.size(1);
   const size_t m_count = prototypes.size();
   const bool sampled = !negatives.empty();
 
   std::vector<Term<T>> terms;
-  std::vector<at::Tensor> keep;  // owners of the contiguous copies the terms point into
+  TensorList keep;  // owners of the contiguous copies the terms point into
   Term<T> inst;
-  inst.src = queue_in.contiguous();
+  inst.src = ensure_contiguous(queue_in);
   inst.ncols = inst.src.size(0);
   inst.inv_t = static_cast<T>(1.0 / temperature);
   terms.push_back(inst);
   for (size_t m = 0; m < m_count; ++m) {
     Term<T> t;
-    t.src = prototypes[m].contiguous();
+    t.src = ensure_contiguous(prototypes[m]);
     const int64_t kk = t.src.size(0);
-    at::Tensor phi = phi_in[m].to(q.scalar_type()).contiguous();
+    const Tensor phi = ensure_contiguous(torch::stable::to(phi_in[m], q.scalar_type()));
     t.phi = phi.const_data_ptr<T>();
     for (int64_t c = 0; c < kk; ++c) {
-      TORCH_CHECK_VALUE(std::isfinite(t.phi[c]) && t.phi[c] > 0, "proto_nce: `phi[", m,
-                        "]` must be positive and finite, got ", t.phi[c], " at cluster ", c);
+      PCL_CHECK_VALUE(std::isfinite(t.phi[c]) && t.phi[c] > 0, "proto_nce: `phi[", m,
+                      "]` must be positive and finite, got ", t.phi[c], " at cluster ", c);
     }
-    at::Tensor assign = assignments[m].contiguous();
+    const Tensor assign = ensure_contiguous(assignments[m]);
     t.assign = assign.const_data_ptr<int64_t>();
     check_ids<T>(t.assign, n, kk, "assignments", m);
     if (sampled) {
-      at::Tensor neg = negatives[m].contiguous();
+      const Tensor neg = ensure_contiguous(negatives[m]);
       check_ids<T>(neg.const_data_ptr<int64_t>(), neg.numel(), kk, "negatives", m);
       // PCL's column layout: [a_0 .. a_{N-1}, neg_0 .. neg_{r-1}], target of row i = column i.
-      at::Tensor ids = at::empty({n + neg.numel()}, assign.options());
-      std::memcpy(ids.data_ptr<int64_t>(), t.assign, n * sizeof(int64_t));
-      std::memcpy(ids.data_ptr<int64_t>() + n, neg.const_data_ptr<int64_t>(),
+      const Tensor ids = torch::stable::new_empty(assign, {n + neg.numel()});
+      std::memcpy(ids.mutable_data_ptr<int64_t>(), t.assign, n * sizeof(int64_t));
+      std::memcpy(ids.mutable_data_ptr<int64_t>() + n, neg.const_data_ptr<int64_t>(),
                   neg.numel() * sizeof(int64_t));
       t.ids = ids.const_data_ptr<int64_t>();
       t.ncols = ids.numel();
@@ -198,43 +189,39 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
     }
   }
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
-  const auto opts = q.options();
-  at::Tensor acc_all = at::zeros({nchunks, n, d}, opts);
+  const Tensor acc_all = torch::stable::new_zeros(q, {nchunks, n, d});
   std::vector<T> row_max(nchunks * n, -std::numeric_limits<T>::infinity());
   std::vector<T> row_sum(nchunks * n, T(0));
 
-  at::parallel_for(0, nchunks, 1, [&](int64_t first, int64_t last) {
-    at::AutoDispatchBelowADInplaceOrView guard;  // thread-local: OpenMP workers need their own
-    at::Tensor logits = at::empty({n * tile}, opts);
-    at::Tensor gathered = at::empty({tile * d}, opts);
-    std::vector<T> scale(tile), alpha(n);
+  // The workers touch tensors only through raw pointers and cpu_matrix views, and multiply
+  // through the C shims (csrc/torch_stable.h): no dispatcher call leaves the calling thread.
+  T* const acc_base = acc_all.mutable_data_ptr<T>();
+  torch::stable::parallel_for(0, nchunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<T> logits(n * tile), gathered(tile * d), scale(tile), alpha(n);
     for (int64_t ci = first; ci < last; ++ci) {
       const Chunk& ch = chunks[ci];
       const Term<T>& t = terms[ch.term];
       const T* src = t.src.template const_data_ptr<T>();
-      at::Tensor acc = acc_all.select(0, ci);
-      T* acc_p = acc.data_ptr<T>();
+      T* acc_p = acc_base + ci * n * d;
+      const Tensor acc = cpu_matrix(acc_p, n, d, d, 1);
       T* m_p = row_max.data() + ci * n;
       T* l_p = row_sum.data() + ci * n;
       for (int64_t c0 = ch.begin; c0 < ch.end; c0 += tile) {
         const int64_t tc = std::min(tile, ch.end - c0);
-        at::Tensor x;
+        const T* x_p = src + c0 * d;
         if (t.ids != nullptr) {
-          T* g = gathered.data_ptr<T>();
           for (int64_t j = 0; j < tc; ++j) {
-            std::memcpy(g + j * d, src + t.ids[c0 + j] * d, d * sizeof(T));
+            std::memcpy(gathered.data() + j * d, src + t.ids[c0 + j] * d, d * sizeof(T));
           }
-          x = gathered.narrow(0, 0, tc * d).view({tc, d});
-        } else {
-          x = t.src.narrow(0, c0, tc);
+          x_p = gathered.data();
         }
         for (int64_t j = 0; j < tc; ++j) {
           const int64_t row = t.ids != nullptr ? t.ids[c0 + j] : c0 + j;
           scale[j] = t.phi != nullptr ? T(1) / t.phi[row] : t.inv_t;
         }
-        at::Tensor s = logits.narrow(0, 0, n * tc).view({n, tc});
-        at::mm_out(s, q, x.t());
-        T* s_p = s.data_ptr<T>();
+        const Tensor s = cpu_matrix(logits.data(), n, tc, tc, 1);
+        mm_out(s, q, cpu_matrix(x_p, d, tc, 1, d));  // S = q X^T
+        T* s_p = logits.data();
         bool rescale = false;
         for (int64_t i = 0; i < n; ++i) {
           T* row = s_p + i * tc;
@@ -249,20 +236,21 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
             for (int64_t c = 0; c < d; ++c) acc_p[i * d + c] *= alpha[i];
           }
         }
-        acc.addmm_(s, x);
+        addmm_(acc, s, cpu_matrix(x_p, tc, d, d, 1));  // acc += P X
       }
     }
   });
 
   // Merge the chunks of each term in a fixed order and form loss and gradients per row.
-  at::Tensor dq = at::zeros({n, d}, opts), dk = at::zeros({n, d}, opts);
+  Tensor dq = torch::stable::new_zeros(q, {n, d}), dk = torch::stable::new_zeros(q, {n, d});
   const T* q_p = q.const_data_ptr<T>();
   const T* k_p = k.const_data_ptr<T>();
   const T* acc_p = acc_all.const_data_ptr<T>();
-  T* dq_p = dq.data_ptr<T>();
-  T* dk_p = dk.data_ptr<T>();
-  at::Tensor correct = at::empty({static_cast<int64_t>(terms.size()), n}, opts.dtype(at::kBool));
-  bool* correct_p = correct.data_ptr<bool>();
+  T* dq_p = dq.mutable_data_ptr<T>();
+  T* dk_p = dk.mutable_data_ptr<T>();
+  Tensor correct = torch::stable::new_empty(q, {static_cast<int64_t>(terms.size()), n},
+                                            ScalarType::Bool);
+  bool* correct_p = correct.mutable_data_ptr<bool>();
   // The tiles' logits come from a GEMM, the target logit from a dot product: equal values may
   // differ by rounding, which must not count a hit as a miss. Inputs are exact (u_in = 0).
   const T tol = static_cast<T>(hit_tolerance(0.0, std::numeric_limits<T>::epsilon() / 2, d));
@@ -325,29 +313,32 @@ ProtoNCEOut proto_nce_cpu_impl(const at::Tensor& q_in, const at::Tensor& k_in,
       }
     }
   }
-  return {at::scalar_tensor(loss, opts), dq, dk, correct};
+  Tensor loss_t = torch::stable::new_empty(q, std::vector<int64_t>{});
+  *loss_t.mutable_data_ptr<T>() = static_cast<T>(loss);
+  return {loss_t, dq, dk, correct};
+}
+
+ProtoNCEOut proto_nce_cpu(const Tensor& q, const Tensor& k, const Tensor& queue,
+                          const TensorList& prototypes, const TensorList& phi,
+                          const TensorList& assignments, const TensorList& negatives,
+                          double temperature, bool /*allow_tf32: CPU float32 is exact*/) {
+  check_proto_nce_args(q, k, queue, prototypes, phi, assignments, negatives, temperature);
+  switch (q.scalar_type()) {
+    case ScalarType::Float:
+      return proto_nce_cpu_impl<float>(q, k, queue, prototypes, phi, assignments, negatives,
+                                       temperature);
+    case ScalarType::Double:
+      return proto_nce_cpu_impl<double>(q, k, queue, prototypes, phi, assignments, negatives,
+                                        temperature);
+    default:
+      throw std::invalid_argument(detail::message(
+          "proto_nce: the CPU kernel takes float32 or float64 `q`, got ", q.scalar_type(),
+          " (pcl_ext.proto_nce upcasts half precision on the CPU)"));
+  }
 }
 
 }  // namespace
 
-ProtoNCEOut proto_nce_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& queue,
-                          at::TensorList prototypes, at::TensorList phi,
-                          at::TensorList assignments, at::TensorList negatives,
-                          double temperature) {
-  check_proto_nce_args(q, k, queue, prototypes, phi, assignments, negatives, temperature);
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-                   "proto_nce: the CPU kernel takes float32 or float64 `q`, got ",
-                   q.scalar_type(), " (pcl_ext.proto_nce upcasts half precision on the CPU)");
-  // The gradients are computed here, not recorded: run the inner ATen calls below autograd.
-  at::AutoDispatchBelowADInplaceOrView guard;
-  ProtoNCEOut out;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "proto_nce_cpu", [&] {
-    out = proto_nce_cpu_impl<scalar_t>(q, k, queue, prototypes, phi, assignments, negatives,
-                                       temperature);
-  });
-  return out;
-}
-
-TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) { m.impl("proto_nce", &proto_nce_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) { m.impl("proto_nce", TORCH_BOX(&proto_nce_cpu)); }
 
 }  // namespace pcl_ext

@@ -7,10 +7,6 @@
 // the rank itself, and a pass in id order keeps the clusters up to it.
 #include "../sample_negatives.h"
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -21,19 +17,18 @@ namespace pcl_ext {
 
 namespace {
 
-at::Tensor sample_negatives_cpu(const at::Tensor& assignments, const at::Tensor& keys_in,
-                                int64_t r) {
+Tensor sample_negatives_cpu(const Tensor& assignments, const Tensor& keys_in, int64_t r) {
   check_sample_negatives_args(assignments, keys_in, r);
-  const at::Tensor ids = assignments.contiguous();
-  const at::Tensor keys = keys_in.contiguous();
+  const Tensor ids = ensure_contiguous(assignments);
+  const Tensor keys = ensure_contiguous(keys_in);
   const int64_t n = ids.numel(), k = keys.numel();
   const int64_t* a = ids.const_data_ptr<int64_t>();
   const float* key = keys.const_data_ptr<float>();
 
   std::vector<uint8_t> taken(k, 0);
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(a[i] >= 0 && a[i] < k, "sample_negatives: `assignments` holds cluster id ",
-                      a[i], " at position ", i, ", outside [0, ", k, ")");
+    PCL_CHECK_INDEX(a[i] >= 0 && a[i] < k, "sample_negatives: `assignments` holds cluster id ",
+                    a[i], " at position ", i, ", outside [0, ", k, ")");
     taken[a[i]] = 1;
   }
   // (key, id) as one integer: the key's order first, ties to the smaller id (ids < 2^31).
@@ -45,9 +40,9 @@ at::Tensor sample_negatives_cpu(const at::Tensor& assignments, const at::Tensor&
   }
   int64_t n_free = 0;
   for (int64_t h : hist) n_free += h;
-  TORCH_CHECK_VALUE(r <= n_free, "sample_negatives: `r` = ", r, " exceeds the ", n_free,
-                    " clusters that no row of `assignments` is assigned to");
-  at::Tensor out = at::empty({r}, ids.options());
+  PCL_CHECK_VALUE(r <= n_free, "sample_negatives: `r` = ", r, " exceeds the ", n_free,
+                  " clusters that no row of `assignments` is assigned to");
+  Tensor out = torch::stable::new_empty(ids, {r});
   if (r == 0) return out;
   uint32_t bucket = 0;
   int64_t below = 0;  // free clusters in the buckets before `bucket`
@@ -60,7 +55,7 @@ at::Tensor sample_negatives_cpu(const at::Tensor& assignments, const at::Tensor&
   const auto nth = candidates.begin() + (r - below - 1);
   std::nth_element(candidates.begin(), nth, candidates.end());
   const uint64_t last = *nth;  // the r-th smallest rank; ranks are distinct
-  int64_t* o = out.data_ptr<int64_t>();
+  int64_t* o = out.mutable_data_ptr<int64_t>();
   for (int64_t c = 0, j = 0; j < r; ++c) {
     o[j] = c;  // kept if selected: with random keys a branch here would often be mispredicted
     j += static_cast<int64_t>(!taken[c] & (rank(c) <= last));
@@ -70,6 +65,8 @@ at::Tensor sample_negatives_cpu(const at::Tensor& assignments, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) { m.impl("sample_negatives", &sample_negatives_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CPU, m) {
+  m.impl("sample_negatives", TORCH_BOX(&sample_negatives_cpu));
+}
 
 }  // namespace pcl_ext

@@ -7,16 +7,6 @@
 // rejects them (and bad distances) beforehand with one synchronization.
 #include "../concentration.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/arange.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/searchsorted.h>
-#include <ATen/ops/sort.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <tuple>
 
 namespace pcl_ext {
@@ -47,35 +37,61 @@ __global__ void segment_stats_kernel(const T* __restrict__ dist, const int64_t* 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cluster_stats_cuda(const at::Tensor& sq_dist,
-                                                      const at::Tensor& im2cluster,
-                                                      int64_t num_clusters, double alpha) {
-  check_cluster_stats_args(sq_dist, im2cluster, num_clusters, alpha);
-  const c10::cuda::CUDAGuard guard(sq_dist.device());
-  const at::Tensor dist = sq_dist.reshape({-1}).contiguous();
-  const at::Tensor ids = im2cluster.reshape({-1});
-  auto [sorted_ids, order] = at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  // offsets[c] = first sorted position with id >= c; cluster c is [offsets[c], offsets[c + 1]).
-  const at::Tensor offsets =
-      at::searchsorted(sorted_ids, at::arange(num_clusters + 1, ids.options()));
-  at::Tensor phi = at::empty({num_clusters}, dist.options().dtype(at::kDouble));
-  at::Tensor count = at::empty({num_clusters}, ids.options());
+// offsets[c] = the first position of `sorted` holding an id >= c, for c in [0, k]: cluster c
+// is then [offsets[c], offsets[c + 1]). One binary search per thread.
+__global__ void segment_offsets_kernel(const int64_t* __restrict__ sorted, int64_t n, int64_t k,
+                                       int64_t* __restrict__ offsets) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c > k) return;
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted[mid] < c) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  offsets[c] = lo;
+}
 
+std::tuple<Tensor, Tensor> cluster_stats_cuda(const Tensor& sq_dist, const Tensor& im2cluster,
+                                              int64_t num_clusters, double alpha) {
+  check_cluster_stats_args(sq_dist, im2cluster, num_clusters, alpha);
+  const DeviceGuard guard(sq_dist.get_device_index());
+  const Tensor dist = ensure_contiguous(torch::stable::reshape(sq_dist, {-1}));
+  const Tensor ids = torch::stable::reshape(im2cluster, {-1});
+  const int64_t n = ids.numel();
+  // aten::sort.stable(Tensor self, *, bool? stable, int dim=-1, bool descending=False)
+  const auto sorted = call_aten<4>("aten::sort", "stable", ids, std::optional<bool>(true),
+                                   int64_t{0}, false);
+  const auto sorted_ids = torch::stable::detail::to<Tensor>(sorted[0]);
+  const auto order = torch::stable::detail::to<Tensor>(sorted[1]);
+  Tensor offsets = torch::stable::new_empty(ids, {num_clusters + 1});
+  Tensor phi = torch::stable::new_empty(dist, {num_clusters}, ScalarType::Double);
+  Tensor count = torch::stable::new_empty(ids, {num_clusters});
+
+  const cudaStream_t stream = current_cuda_stream(dist);
+  constexpr int kOffsetThreads = 256;
+  segment_offsets_kernel<<<(num_clusters + kOffsetThreads) / kOffsetThreads, kOffsetThreads, 0,
+                           stream>>>(sorted_ids.const_data_ptr<int64_t>(), n, num_clusters,
+                                     offsets.mutable_data_ptr<int64_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t blocks = (num_clusters + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto dtype = dist.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cluster_stats", [&] {
+  PCL_DISPATCH_FLOATING(dist.scalar_type(), "cluster_stats", [&] {
     segment_stats_kernel<scalar_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
         dist.const_data_ptr<scalar_t>(), order.const_data_ptr<int64_t>(),
-        offsets.const_data_ptr<int64_t>(), num_clusters, alpha, phi.data_ptr<double>(),
-        count.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        offsets.const_data_ptr<int64_t>(), num_clusters, alpha, phi.mutable_data_ptr<double>(),
+        count.mutable_data_ptr<int64_t>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {phi, count};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("cluster_stats", &cluster_stats_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) {
+  m.impl("cluster_stats", TORCH_BOX(&cluster_stats_cuda));
+}
 
 }  // namespace pcl_ext

@@ -8,19 +8,10 @@
 // tensor with 16-byte vector loads when both pointers are aligned.
 #include "../momentum.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace pcl_ext {
@@ -43,16 +34,20 @@ struct alignas(sizeof(T) * V) Vec {
   T val[V];
 };
 
+// Half precision is computed in float.
 template <typename T>
-__device__ __forceinline__ T ema(T k, T q, at::opmath_type<T> m, at::opmath_type<T> w) {
-  using acc = at::opmath_type<T>;
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+__device__ __forceinline__ T ema(T k, T q, acc_t<T> m, acc_t<T> w) {
+  using acc = acc_t<T>;
   return static_cast<T>(m * static_cast<acc>(k) + w * static_cast<acc>(q));
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     momentum_kernel(const Entry* __restrict__ table, const int32_t* __restrict__ block_tensor,
-                    at::opmath_type<T> m, at::opmath_type<T> w) {
+                    acc_t<T> m, acc_t<T> w) {
   constexpr int V = 16 / sizeof(T);
   constexpr int kChunk = kChunkBytes / sizeof(T);
   const Entry e = table[block_tensor[blockIdx.x]];
@@ -96,8 +91,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // One launch over the pairs `idx` (same device, same dtype).
 void launch_group(const MomentumPairs& pairs, const std::vector<size_t>& idx, double momentum) {
-  const at::Tensor& first = pairs.key[idx.front()];
-  const int64_t chunk = kChunkBytes / first.element_size();
+  const Tensor& first = pairs.key[idx.front()];
+  const int64_t chunk = kChunkBytes / static_cast<int64_t>(first.element_size());
   std::vector<int64_t> blocks_of(idx.size());
   int64_t blocks = 0;
   for (size_t t = 0; t < idx.size(); ++t) {
@@ -105,52 +100,52 @@ void launch_group(const MomentumPairs& pairs, const std::vector<size_t>& idx, do
     blocks += blocks_of[t];
   }
   if (blocks == 0) return;
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
-                    "momentum_update_: too many elements for one launch (", blocks * chunk, ")");
+  PCL_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
+                  "momentum_update_: too many elements for one launch (", blocks * chunk, ")");
 
   // Table layout: Entry[idx.size()] then int32 block_tensor[blocks].
   const int64_t table_bytes = static_cast<int64_t>(idx.size() * sizeof(Entry));
   const int64_t bytes = table_bytes + blocks * static_cast<int64_t>(sizeof(int32_t));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* entries = reinterpret_cast<Entry*>(host.data_ptr<uint8_t>());
-  auto* block_tensor = reinterpret_cast<int32_t*>(host.data_ptr<uint8_t>() + table_bytes);
+  Tensor host = torch::stable::empty({bytes}, ScalarType::Byte, std::nullopt,
+                                     torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                     /*pin_memory=*/true);
+  auto* entries = reinterpret_cast<Entry*>(host.mutable_data_ptr<uint8_t>());
+  auto* block_tensor = reinterpret_cast<int32_t*>(host.mutable_data_ptr<uint8_t>() + table_bytes);
   int64_t b = 0;
   for (size_t t = 0; t < idx.size(); ++t) {
     const size_t i = idx[t];
-    entries[t] = {pairs.key[i].data_ptr(), pairs.query[i].const_data_ptr(), pairs.key[i].numel(),
-                  b};
+    entries[t] = {pairs.key[i].mutable_data_ptr(), pairs.query[i].const_data_ptr(),
+                  pairs.key[i].numel(), b};
     for (int64_t j = 0; j < blocks_of[t]; ++j) block_tensor[b++] = static_cast<int32_t>(t);
   }
   // The caching host allocator keeps `host` alive until this copy has run (it records an event
   // on the stream), so the copy needs no synchronization.
-  at::Tensor dev = at::empty({bytes}, first.options().dtype(at::kByte));
-  dev.copy_(host, /*non_blocking=*/true);
+  Tensor dev = torch::stable::new_empty(first, {bytes}, ScalarType::Byte);
+  torch::stable::copy_(dev, host, /*non_blocking=*/true);
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_cuda_stream(first);
   const uint8_t* table = dev.const_data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(),
-                                  "momentum_update_cuda", [&] {
-    using acc = at::opmath_type<scalar_t>;
+  PCL_DISPATCH_FLOATING(first.scalar_type(), "momentum_update_cuda", [&] {
+    using acc = acc_t<scalar_t>;
     momentum_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         reinterpret_cast<const Entry*>(table),
         reinterpret_cast<const int32_t*>(table + table_bytes), static_cast<acc>(momentum),
         static_cast<acc>(1.0 - momentum));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-void momentum_update_cuda(at::TensorList key, at::TensorList query, double momentum) {
-  check_momentum_args(key, query, momentum, c10::DeviceType::CUDA);
+void momentum_update_cuda(const TensorList& key, const TensorList& query, double momentum) {
+  check_momentum_args(key, query, momentum, torch::headeronly::DeviceType::CUDA);
   if (key.empty()) return;
-  at::AutoDispatchBelowADInplaceOrView guard;  // copies of non-dense tensors
   const MomentumPairs pairs(key, query);
 
   // Group by (device, dtype) in order of first appearance: usually one or two groups.
   std::vector<std::vector<size_t>> groups;
   for (size_t i = 0; i < key.size(); ++i) {
-    const at::Tensor& k = pairs.key[i];
+    const Tensor& k = pairs.key[i];
     auto same = [&](const std::vector<size_t>& g) {
-      const at::Tensor& r = pairs.key[g.front()];
+      const Tensor& r = pairs.key[g.front()];
       return r.device() == k.device() && r.scalar_type() == k.scalar_type();
     };
     auto it = std::find_if(groups.begin(), groups.end(), same);
@@ -161,13 +156,15 @@ void momentum_update_cuda(at::TensorList key, at::TensorList query, double momen
     }
   }
   for (const auto& g : groups) {
-    const c10::cuda::CUDAGuard device_guard(pairs.key[g.front()].device());
+    const Tensor& first = pairs.key[g.front()];
+    const DeviceGuard device_guard(first.get_device_index());
     // A captured graph would replay the copy from a pinned buffer that is reused after this
     // call: refuse rather than replay stale pointers.
-    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
-                    c10::cuda::CaptureStatus::None,
-                "momentum_update_: cannot be captured in a CUDA graph (its tensor table is "
-                "copied from host memory at every call)");
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    STD_CUDA_CHECK(cudaStreamIsCapturing(current_cuda_stream(first), &capture));
+    PCL_CHECK(capture == cudaStreamCaptureStatusNone,
+              "momentum_update_: cannot be captured in a CUDA graph (its tensor table is "
+              "copied from host memory at every call)");
     launch_group(pairs, g, momentum);
   }
   pairs.write_back(key);
@@ -175,6 +172,8 @@ void momentum_update_cuda(at::TensorList key, at::TensorList query, double momen
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("momentum_update_", &momentum_update_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) {
+  m.impl("momentum_update_", TORCH_BOX(&momentum_update_cuda));
+}
 
 }  // namespace pcl_ext

@@ -18,14 +18,6 @@
 // No atomics and fixed reduction orders: the same inputs give the same bits.
 #include "../proto_nce.h"
 
-#include <ATen/Context.h>
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -661,64 +653,61 @@ template <typename T, Math M>
 void launch(const Params& p, int na, size_t smem, int64_t row_blocks, int nchunks, void* loss,
             cudaStream_t stream) {
   auto kernel = na <= 8 ? proto_nce_chunk_kernel<T, M, 8> : proto_nce_chunk_kernel<T, M, 16>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  STD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   kernel<<<dim3(static_cast<unsigned>(row_blocks), nchunks), kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   proto_nce_combine_kernel<T><<<static_cast<unsigned>(p.n), kCombineThreads,
                                 nchunks * sizeof(float), stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   proto_nce_loss_kernel<T><<<1, 256, 0, stream>>>(p.row_loss, p.n, static_cast<T*>(loss));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                           const at::Tensor& queue_in, at::TensorList prototypes,
-                           at::TensorList phi_in, at::TensorList assignments,
-                           at::TensorList negatives, double temperature) {
+ProtoNCEOut proto_nce_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& queue_in,
+                           const TensorList& prototypes, const TensorList& phi_in,
+                           const TensorList& assignments, const TensorList& negatives,
+                           double temperature, bool allow_tf32) {
   check_proto_nce_args(q_in, k_in, queue_in, prototypes, phi_in, assignments, negatives,
                        temperature);
   const auto dtype = q_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "proto_nce: the CUDA kernel takes float32, float16 or bfloat16 `q`, got ",
-                   dtype);
+  PCL_CHECK_VALUE(dtype == ScalarType::Float || dtype == ScalarType::Half ||
+                      dtype == ScalarType::BFloat16,
+                  "proto_nce: the CUDA kernel takes float32, float16 or bfloat16 `q`, got ", dtype);
   const size_t m_count = prototypes.size();
-  TORCH_CHECK_VALUE(m_count < size_t(kMaxTerms), "proto_nce: the CUDA kernel takes at most ",
-                    kMaxTerms - 1, " clusterings in `prototypes`, got ", m_count);
-  const c10::cuda::CUDAGuard device_guard(q_in.device());
-  at::AutoDispatchBelowADInplaceOrView guard;  // the gradients are computed, not recorded
+  PCL_CHECK_VALUE(m_count < size_t(kMaxTerms), "proto_nce: the CUDA kernel takes at most ",
+                  kMaxTerms - 1, " clusterings in `prototypes`, got ", m_count);
+  const int device = q_in.get_device_index();
+  const DeviceGuard device_guard(device);
 
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const Tensor q = ensure_contiguous(q_in), k = ensure_contiguous(k_in);
   const int64_t n = q.size(0), d = q.size(1);
   const size_t elem = q.element_size();
 
   // Tensor cores from compute capability 8.0 on, FFMA in float32 otherwise; the device code
   // compiles exactly these pairs (compiled_here). float32 takes TF32 where torch's own float32
-  // matmuls may (the resolved precision setting), else FFMA or, on request, 3xTF32: float32
-  // accuracy from tensor cores, an option until a GPU measures its speed against FFMA.
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const bool tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
-                                                         at::Float32Op::MATMUL) ==
-                    at::Float32Precision::TF32;
+  // matmuls may (`allow_tf32`: pcl_ext.proto_nce reads the resolved precision setting, which
+  // the stable ABI cannot), else FFMA or, on request, 3xTF32: float32 accuracy from tensor
+  // cores, an option until a GPU measures its speed against FFMA.
   const char* f32_math = std::getenv("PCL_EXT_FLOAT32_MATH");
   const std::string_view f32_mode = f32_math != nullptr ? f32_math : "";
-  TORCH_CHECK_VALUE(f32_mode.empty() || f32_mode == "ffma" || f32_mode == "3xtf32",
-                    "proto_nce: the environment variable PCL_EXT_FLOAT32_MATH must be unset, "
-                    "\"ffma\" or \"3xtf32\", got \"", f32_mode, "\"");
-  const Math math = prop->major < 8         ? Math::kFFMA
-                    : dtype != at::kFloat ? Math::kHalf
-                    : tf32                  ? Math::kTF32
-                    : f32_mode == "3xtf32"  ? Math::k3xTF32
-                                            : Math::kFFMA;
+  PCL_CHECK_VALUE(f32_mode.empty() || f32_mode == "ffma" || f32_mode == "3xtf32",
+                  "proto_nce: the environment variable PCL_EXT_FLOAT32_MATH must be unset, "
+                  "\"ffma\" or \"3xtf32\", got \"", f32_mode, "\"");
+  const Math math = cuda_device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 8
+                        ? Math::kFFMA
+                    : dtype != ScalarType::Float ? Math::kHalf
+                    : allow_tf32                 ? Math::kTF32
+                    : f32_mode == "3xtf32"       ? Math::k3xTF32
+                                                 : Math::kFFMA;
   const size_t tile_elem = math == Math::kFFMA ? sizeof(float) : elem;
 
   // Tiles: the largest row block whose accumulator fits 8 (else 16) 8-column tiles per warp and
   // whose tiles fit in shared memory, with the widest column tile that leaves room for two
   // blocks per SM (else one). Smaller row blocks need less: they serve D = 256 in float32 on a
   // T4's 64 KB.
-  const size_t smem_limit = prop->sharedMemPerBlockOptin;
+  const auto smem_limit = static_cast<size_t>(
+      cuda_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   int bm = 0, bn = 0, dp = 0, na = 0;
   bool fits_registers = false;
   for (int cand : {64, 32, 16}) {
@@ -737,16 +726,16 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
       break;
     }
   }
-  TORCH_CHECK_VALUE(fits_registers, "proto_nce: the CUDA kernel supports embedding dimensions "
-                    "up to 1024, `q` has D = ", d);
-  TORCH_CHECK_VALUE(bm > 0, "proto_nce: `q` has D = ", d, ", too large for the shared memory "
-                    "of this GPU (", smem_limit, " bytes per block)");
+  PCL_CHECK_VALUE(fits_registers, "proto_nce: the CUDA kernel supports embedding dimensions "
+                  "up to 1024, `q` has D = ", d);
+  PCL_CHECK_VALUE(bm > 0, "proto_nce: `q` has D = ", d, ", too large for the shared memory "
+                  "of this GPU (", smem_limit, " bytes per block)");
   const size_t smem = smem_bytes(bm, bn, dp, tile_elem);
 
   Params p{};
-  std::vector<at::Tensor> keep;  // owners of the contiguous copies the term table points into
-  auto add_term = [&](const at::Tensor& src, const at::Tensor& ids, const at::Tensor& phi,
-                      const at::Tensor& assign, double weight) {
+  TensorList keep;  // owners of the contiguous copies the term table points into
+  auto add_term = [&](const Tensor& src, const Tensor& ids, const Tensor& phi,
+                      const Tensor& assign, double weight) {
     TermDesc& td = p.term[p.nterms++];
     keep.insert(keep.end(), {src, ids, phi, assign});
     td.src = src.const_data_ptr();
@@ -758,12 +747,17 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
     td.coef = static_cast<float>(weight / static_cast<double>(n));
     td.vec = (d * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(td.src) % 16 == 0;
   };
-  add_term(queue_in.contiguous(), at::Tensor(), at::Tensor(), at::Tensor(), 1.0);
+  add_term(ensure_contiguous(queue_in), Tensor(), Tensor(), Tensor(), 1.0);
   for (size_t m = 0; m < m_count; ++m) {
-    const at::Tensor assign = assignments[m].contiguous();
+    const Tensor assign = ensure_contiguous(assignments[m]);
     // PCL's column layout [a_0 .. a_{N-1}, neg_0 .. neg_{r-1}]; row i's target is column i.
-    const at::Tensor ids = negatives.empty() ? at::Tensor() : at::cat({assign, negatives[m]});
-    add_term(prototypes[m].contiguous(), ids, phi_in[m].to(at::kFloat).contiguous(), assign,
+    // aten::cat(Tensor[] tensors, int dim=0)
+    const Tensor ids = negatives.empty()
+                           ? Tensor()
+                           : torch::stable::detail::to<Tensor>(call_aten<2>(
+                                 "aten::cat", "", TensorList{assign, negatives[m]}, int64_t{0})[0]);
+    add_term(ensure_contiguous(prototypes[m]), ids,
+             ensure_contiguous(torch::stable::to(phi_in[m], ScalarType::Float)), assign,
              1.0 / static_cast<double>(m_count));
   }
 
@@ -782,19 +776,18 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   }
   // chunk_cols >= total * row_blocks / kTargetBlocks bounds nchunks by kTargetBlocks + kMaxTerms:
   // well within gridDim.y and the combine kernel's shared memory.
-  TORCH_INTERNAL_ASSERT(nchunks <= 12 * 1024, "proto_nce: unexpected chunk count ", nchunks);
+  PCL_INTERNAL_ASSERT(nchunks <= 12 * 1024, "proto_nce: unexpected chunk count ", nchunks);
 
-  const auto fopts = q.options().dtype(at::kFloat);
-  const at::Tensor ws = at::empty({nchunks * n * (d + 2) + n}, fopts);
-  at::Tensor loss = at::empty({}, q.options());
-  at::Tensor dq = at::empty({n, d}, q.options()), dk = at::empty({n, d}, q.options());
-  at::Tensor correct = at::empty({p.nterms, n}, q.options().dtype(at::kBool));
-  p.correct = correct.data_ptr<bool>();
+  const Tensor ws = torch::stable::new_empty(q, {nchunks * n * (d + 2) + n}, ScalarType::Float);
+  Tensor loss = torch::stable::new_empty(q, std::vector<int64_t>{});
+  Tensor dq = torch::stable::new_empty(q, {n, d}), dk = torch::stable::new_empty(q, {n, d});
+  Tensor correct = torch::stable::new_empty(q, {p.nterms, n}, ScalarType::Bool);
+  p.correct = correct.mutable_data_ptr<bool>();
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.ws_acc = ws.data_ptr<float>();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.ws_acc = ws.mutable_data_ptr<float>();
   p.ws_ml = p.ws_acc + nchunks * n * d;
   p.row_loss = p.ws_ml + nchunks * n * 2;
   p.n = n;
@@ -808,19 +801,19 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.lds = bn + 4;
   p.inv_t = static_cast<float>(1.0 / temperature);
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  void* out = loss.data_ptr();
+  const cudaStream_t stream = current_cuda_stream(q);
+  void* out = loss.mutable_data_ptr();
   // TF32 rounds the tiles' inputs to 10 stored mantissa bits, 3xTF32 leaves 2^-22 of each and
   // drops a product as small (fp16/bf16 products are exact); tensor cores' adders may
   // truncate: twice float32's unit roundoff.
   const double u_in = math == Math::kTF32 ? 0x1p-11 : math == Math::k3xTF32 ? 0x1p-21 : 0.0;
   p.hit_tol = static_cast<float>(hit_tolerance(u_in, math == Math::kFFMA ? 0x1p-24 : 0x1p-23, d));
   decltype(&launch<float, Math::kFFMA>) kernels;
-  if (dtype == at::kFloat) {
+  if (dtype == ScalarType::Float) {
     kernels = math == Math::kTF32     ? launch<float, Math::kTF32>
               : math == Math::k3xTF32 ? launch<float, Math::k3xTF32>
                                       : launch<float, Math::kFFMA>;
-  } else if (dtype == at::kHalf) {
+  } else if (dtype == ScalarType::Half) {
     kernels = math == Math::kHalf ? launch<__half, Math::kHalf> : launch<__half, Math::kFFMA>;
   } else {
     kernels = math == Math::kHalf ? launch<__nv_bfloat16, Math::kHalf>
@@ -830,6 +823,8 @@ ProtoNCEOut proto_nce_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   return {loss, dq, dk, correct};
 }
 
-TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("proto_nce", &proto_nce_cuda); }
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("proto_nce", TORCH_BOX(&proto_nce_cuda)); }
 
 }  // namespace pcl_ext

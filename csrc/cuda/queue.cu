@@ -2,11 +2,6 @@
 // op needs no host synchronization and can be captured in a CUDA graph.
 #include "../queue.h"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -58,8 +53,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // The widest copy unit (16, 8 or 4 bytes) that dense rows, their strides and both base
 // addresses allow; otherwise one element at a time, following the strides.
-int64_t word_bytes(const at::Tensor& buffer, const at::Tensor& keys) {
-  const int64_t el = buffer.element_size(), dim = buffer.size(1);
+int64_t word_bytes(const Tensor& buffer, const Tensor& keys) {
+  const int64_t el = static_cast<int64_t>(buffer.element_size()), dim = buffer.size(1);
   const bool dense_rows = (buffer.stride(1) == 1 && keys.stride(1) == 1) || dim == 1;
   if (!dense_rows) return el;
   const auto b = reinterpret_cast<uintptr_t>(buffer.const_data_ptr());
@@ -74,9 +69,9 @@ int64_t word_bytes(const at::Tensor& buffer, const at::Tensor& keys) {
 }
 
 template <typename Word>
-void launch(const at::Tensor& buffer, const at::Tensor& ptr, const at::Tensor& keys,
-            int64_t rows, int64_t first, int64_t word) {
-  const int64_t el = buffer.element_size();
+void launch(const Tensor& buffer, const Tensor& ptr, const Tensor& keys, int64_t rows,
+            int64_t first, int64_t word) {
+  const int64_t el = static_cast<int64_t>(buffer.element_size());
   const bool dense = word > el;  // then a row is contiguous: column stride one Word
   const int64_t per_word = word / el;
   const int64_t words = buffer.size(1) / per_word;
@@ -84,23 +79,21 @@ void launch(const at::Tensor& buffer, const at::Tensor& ptr, const at::Tensor& k
   const int64_t bs1 = dense ? 1 : buffer.stride(1), ks1 = dense ? 1 : keys.stride(1);
   const int64_t blocks = std::clamp<int64_t>((rows * words + kThreads - 1) / kThreads, 1,
                                              kMaxBlocks);
-  ring_enqueue_kernel<Word><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  ring_enqueue_kernel<Word><<<blocks, kThreads, 0, current_cuda_stream(buffer)>>>(
       static_cast<Word*>(buffer.mutable_data_ptr()),
       static_cast<const Word*>(keys.const_data_ptr()),
       reinterpret_cast<unsigned long long*>(ptr.mutable_data_ptr<int64_t>()), buffer.size(0),
       keys.size(0), rows, first, words, bs0, bs1, ks0, ks1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-void ring_enqueue_cuda(const at::Tensor& buffer, const at::Tensor& ptr, const at::Tensor& keys) {
+void ring_enqueue_cuda(const Tensor& buffer, const Tensor& ptr, const Tensor& keys) {
   check_ring_enqueue_args(buffer, ptr, keys);
   const int64_t size = buffer.size(0), batch = keys.size(0);
-  TORCH_CHECK_VALUE(size < (int64_t{1} << kTicketShift), "ring_enqueue_: `buffer` has ", size,
-                    " rows; the CUDA kernel supports fewer than 2^", kTicketShift);
+  PCL_CHECK_VALUE(size < (int64_t{1} << kTicketShift), "ring_enqueue_: `buffer` has ", size,
+                  " rows; the CUDA kernel supports fewer than 2^", kTicketShift);
   if (batch == 0) return;
-  const c10::cuda::CUDAGuard guard(buffer.device());
+  const DeviceGuard guard(buffer.get_device_index());
   // Same row mapping as the CPU kernel: the last min(B, size) rows of keys survive.
   const int64_t rows = std::min(batch, size);
   const int64_t first = batch - rows;
@@ -110,10 +103,14 @@ void ring_enqueue_cuda(const at::Tensor& buffer, const at::Tensor& ptr, const at
     case 4: launch<uint32_t>(buffer, ptr, keys, rows, first, word); break;
     case 2: launch<uint16_t>(buffer, ptr, keys, rows, first, word); break;
     default:
-      TORCH_INTERNAL_ASSERT(false, "ring_enqueue_: unexpected copy unit of ", word, " bytes");
+      PCL_INTERNAL_ASSERT(false, "ring_enqueue_: unexpected copy unit of ", word, " bytes");
   }
 }
 
-TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("ring_enqueue_", &ring_enqueue_cuda); }
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) {
+  m.impl("ring_enqueue_", TORCH_BOX(&ring_enqueue_cuda));
+}
 
 }  // namespace pcl_ext

@@ -6,14 +6,6 @@
 // (pcl_ext.sample_negatives and proto_nce check them).
 #include "../sample_negatives.h"
 
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/sort.h>
-#include <ATen/ops/topk.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -48,33 +40,37 @@ int grid_for(int64_t work) {
   return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, 4096));
 }
 
-at::Tensor sample_negatives_cuda(const at::Tensor& assignments, const at::Tensor& keys_in,
-                                 int64_t r) {
+Tensor sample_negatives_cuda(const Tensor& assignments, const Tensor& keys_in, int64_t r) {
   check_sample_negatives_args(assignments, keys_in, r);
-  const c10::cuda::CUDAGuard guard(assignments.device());
-  const at::Tensor ids = assignments.contiguous();
-  const at::Tensor keys = keys_in.contiguous();
+  const DeviceGuard guard(assignments.get_device_index());
+  const Tensor ids = ensure_contiguous(assignments);
+  const Tensor keys = ensure_contiguous(keys_in);
   const int64_t n = ids.numel(), k = keys.numel();
-  if (r == 0) return at::empty({0}, ids.options());
-  at::Tensor rank = at::empty({k}, ids.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (r == 0) return torch::stable::new_empty(ids, {0});
+  Tensor rank = torch::stable::new_empty(ids, {k});
+  const cudaStream_t stream = current_cuda_stream(ids);
   rank_kernel<<<grid_for(k), kThreads, 0, stream>>>(keys.const_data_ptr<float>(), k,
-                                                    rank.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                    rank.mutable_data_ptr<int64_t>());
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
   if (n > 0) {
     exclude_kernel<<<grid_for(n), kThreads, 0, stream>>>(ids.const_data_ptr<int64_t>(), n, k,
-                                                         rank.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                         rank.mutable_data_ptr<int64_t>());
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // r larger than the free clusters cannot be checked here without a synchronization: the
   // wrapper does it, only when r > num_clusters - N.
-  const at::Tensor picked =
-      std::get<1>(at::topk(rank, r, /*dim=*/0, /*largest=*/false, /*sorted=*/false));
-  return std::get<0>(at::sort(picked));
+  // aten::topk(Tensor self, SymInt k, int dim=-1, bool largest=True, bool sorted=True)
+  const auto top = call_aten<5>("aten::topk", "", rank, r, int64_t{0}, false, false);
+  const auto picked = torch::stable::detail::to<Tensor>(top[1]);
+  // aten::sort(Tensor self, int dim=-1, bool descending=False)
+  const auto sorted = call_aten<3>("aten::sort", "", picked, int64_t{0}, false);
+  return torch::stable::detail::to<Tensor>(sorted[0]);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) { m.impl("sample_negatives", &sample_negatives_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(pcl_ext, CUDA, m) {
+  m.impl("sample_negatives", TORCH_BOX(&sample_negatives_cuda));
+}
 
 }  // namespace pcl_ext
