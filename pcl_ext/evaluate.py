@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["extract_features", "knn_accuracy", "linear_probe", "cluster_quality",
-           "evaluate_encoder", "initial_encoder", "load_checkpoint", "evaluate_checkpoint",
+__all__ = ["extract_features", "knn_accuracy", "linear_probe", "fit_logistic_regression",
+           "cluster_quality", "evaluate_encoder", "initial_encoder", "load_checkpoint",
+           "evaluate_checkpoint",
            "format_table"]
 
 
@@ -79,19 +80,77 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
 
 
 def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
-                 test_labels: Tensor, *, max_iter: int = 1000) -> float:
-    """Top-1 accuracy (%) of a multinomial logistic regression on frozen features.
+                 test_labels: Tensor, *, c: float = 1.0, max_iter: int = 1000,
+                 tol: float = 1e-5) -> float:
+    """Top-1 accuracy (%) of a multinomial logistic regression on frozen features
+    (:func:`fit_logistic_regression` on the training features, then argmax on the test ones),
+    computed on the training features' device."""
+    weight, bias, mean, std = fit_logistic_regression(train_feats, train_labels, c=c,
+                                                      max_iter=max_iter, tol=tol)
+    x = (test_feats.to(mean.device, mean.dtype) - mean) / std
+    predicted = (x @ weight.t() + bias).argmax(1)
+    return 100.0 * (predicted == test_labels.to(predicted.device)).double().mean().item()
 
-    scikit-learn's L-BFGS on standardized features: a convex problem solved to convergence,
-    with no learning rate or schedule to tune per encoder (L2 penalty ``C = 1``).
+
+def fit_logistic_regression(feats: Tensor, labels: Tensor, *, c: float = 1.0,
+                            max_iter: int = 1000, tol: float = 1e-5,
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""scikit-learn's ``LogisticRegression`` (multinomial, L2, ``C = c``) on standardized
+    features, solved in torch on the features' device: a convex problem solved to
+    convergence, with no learning rate or schedule to tune per encoder.
+
+    With :math:`x_i` the rows of ``feats`` standardized by their mean and standard deviation
+    (zero-variance columns left at 0, as ``StandardScaler`` does), it minimizes
+
+    .. math:: f(W, b) = \frac1n \sum_i \operatorname{CE}(W x_i + b, y_i)
+              + \frac{\|W\|^2}{2 C n}
+
+    by full-batch L-BFGS (``torch.optim.LBFGS``, strong Wolfe line search), in the
+    coordinates :math:`V = W P^{-1}` with :math:`P = (S + I / (Cn))^{-1/2}` and
+    :math:`S = \frac1n\sum_i x_i x_i^T`: the same problem with the same minimizer (the
+    penalty is still taken on :math:`W = VP`), but the solver sees decorrelated features
+    :math:`P x_i`, so it needs far fewer iterations than in :math:`W` (scikit-learn's
+    solver), where the correlations between the features slow it down. It stops when the
+    largest gradient entry (w.r.t. ``V`` and ``b``) is below ``tol``, when a step no longer
+    changes ``f``, or after ``max_iter`` iterations. On 60,000 x 512 backbone features of
+    Fashion-MNIST (``benchmarks/linear_probe_speed.py``, one thread of a 2-core AVX2 CPU) it
+    ended 1e-5 above the lowest objective found, where scikit-learn's default stopping
+    (865 iterations) left 4e-4, in 31 s instead of 77 s (median of 3). The iterations run
+    in float32 (TF32 on CUDA only if the user allows it); the sums behind the mean and
+    standard deviation, and the eigendecomposition behind :math:`P`, in float64.
+
+    Returns ``W`` ``[classes, d]``, ``b`` ``[classes]`` and the standardization's ``mean``
+    and ``std`` ``[d]``, float64 on ``feats``' device; classes are ``0..labels.max()``.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    x = feats.detach().float()
+    y = labels.to(x.device, torch.long)
+    n, d = x.shape
+    mean = x.sum(0, dtype=torch.float64) / n      # float64 sums, no float64 copy of x
+    x = x - mean.float()
+    std = (x.square().sum(0, dtype=torch.float64) / n).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    x = x / std.float()
+    second_moment = (x.t() @ x).double() / n
+    evals, evecs = torch.linalg.eigh(second_moment + torch.eye(d, dtype=torch.float64,
+                                                               device=x.device) / (c * n))
+    precond = ((evecs * evals.rsqrt()) @ evecs.t()).float()          # P, d x d, symmetric
+    z = x @ precond                                                  # n x d, decorrelated
+    num_classes = int(y.max()) + 1
+    v = z.new_zeros(num_classes, d, requires_grad=True)
+    b = z.new_zeros(num_classes, requires_grad=True)
+    solver = torch.optim.LBFGS([v, b], max_iter=max_iter, tolerance_grad=tol,
+                               tolerance_change=1e-12, history_size=20,
+                               line_search_fn="strong_wolfe")
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    probe.fit(_numpy(train_feats), _numpy(train_labels))
-    return 100.0 * probe.score(_numpy(test_feats), _numpy(test_labels))
+    def objective() -> Tensor:
+        solver.zero_grad()
+        loss = F.cross_entropy(z @ v.t() + b, y) + (v @ precond).square().sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        solver.step(objective)
+    return (v.detach() @ precond).double(), b.detach().double(), mean, std
 
 
 def cluster_quality(feats: Tensor, labels: Tensor, num_clusters: int, seed: int = 0,

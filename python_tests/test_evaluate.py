@@ -14,7 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pcl_ext.evaluate import (cluster_quality, evaluate_encoder, extract_features,
-                              format_table, knn_accuracy, linear_probe, load_checkpoint)
+                              fit_logistic_regression, format_table, knn_accuracy, linear_probe,
+                              load_checkpoint)
+
+from conftest import cuda_only
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,6 +85,59 @@ def test_linear_probe_separable():
     assert linear_probe(train_x, train_y, test_x, test_y) >= 99.0
     shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))]
     assert linear_probe(train_x, shuffled, test_x, test_y) < 60.0
+
+
+def logistic_objective(x, y, weight, bias, mean, std, c=1.0):
+    z = (x.double() - mean) / std
+    return F.cross_entropy(z @ weight.t() + bias, y) + weight.square().sum() / (2 * c * len(x))
+
+
+@pytest.mark.parametrize("c", [1.0, 0.01])
+def test_logistic_regression_reaches_sklearns_optimum(c):
+    # Overlapping classes and correlated features (a shared component): an ill-conditioned
+    # problem for a solver in W, not a separable one.
+    gen = torch.Generator().manual_seed(0)
+    x, y = separable(num_classes=4, per_class=150, d=12, noise=0.6, seed=3)
+    x = x + 2 * torch.randn(len(x), 1, generator=gen) * torch.linspace(0.5, 1.5, 12)
+    x[:, 3] = 7.0                                                 # a constant column
+    weight, bias, mean, std = fit_logistic_regression(x, y, c=c, tol=1e-9)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    scaler = StandardScaler().fit(x.double().numpy())
+    ref = LogisticRegression(C=c, tol=1e-12, max_iter=100000).fit(
+        scaler.transform(x.double().numpy()), y.numpy())
+    ref_w, ref_b = torch.from_numpy(ref.coef_), torch.from_numpy(ref.intercept_)
+    torch.testing.assert_close(mean, torch.from_numpy(scaler.mean_))
+    torch.testing.assert_close(std, torch.from_numpy(scaler.scale_))
+    ours = logistic_objective(x, y, weight, bias, mean, std, c)
+    theirs = logistic_objective(x, y, ref_w, ref_b, mean, std, c)
+    assert ours - theirs < 1e-6                                   # float32 iterations
+    # float32 iterations: the weights to ~1e-4 (entries are O(1))
+    torch.testing.assert_close(weight, ref_w, atol=1e-3, rtol=0)
+    # The intercepts are unpenalized: only their differences are determined.
+    torch.testing.assert_close(bias - bias.mean(), ref_b - ref_b.mean(), atol=1e-3, rtol=0)
+    assert weight[:, 3].abs().max() < 1e-3          # nothing to learn there (float32 noise)
+
+
+def test_logistic_regression_missing_class_and_dtypes():
+    x, y = separable(num_classes=3, per_class=40, d=6, noise=0.3)
+    y = y * 2                                                        # classes 1 and 3 unused
+    weight, bias, _, _ = fit_logistic_regression(x.half().float(), y)
+    assert weight.shape == (5, 6) and bias.shape == (5,) and weight.dtype == torch.float64
+    assert linear_probe(x, y, x.double(), y) > 95.0
+
+
+@cuda_only
+def test_linear_probe_cuda_matches_cpu():
+    train_x, train_y = separable(num_classes=5, per_class=60, noise=0.7, seed=0)
+    test_x, test_y = separable(num_classes=5, per_class=30, noise=0.7, seed=1)
+    cpu = fit_logistic_regression(train_x, train_y)
+    gpu = fit_logistic_regression(train_x.cuda(), train_y.cuda())
+    assert gpu[0].is_cuda
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-4)
+    assert linear_probe(train_x.cuda(), train_y.cuda(), test_x.cuda(), test_y.cuda()) == \
+        linear_probe(train_x, train_y, test_x, test_y)
 
 
 def test_cluster_quality_perfect_vs_shuffled():
