@@ -146,7 +146,7 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
     Term<T> t;
     t.src = ensure_contiguous(prototypes[m]);
     const int64_t kk = t.src.size(0);
-    const Tensor phi = ensure_contiguous(torch::stable::to(phi_in[m], q.scalar_type()));
+    const Tensor phi = contiguous_as(phi_in[m], q.scalar_type());
     t.phi = phi.const_data_ptr<T>();
     for (int64_t c = 0; c < kk; ++c) {
       PCL_CHECK_VALUE(std::isfinite(t.phi[c]) && t.phi[c] > 0, "proto_nce: `phi[", m,
