@@ -153,9 +153,13 @@ inline bool memory_overlaps(const Tensor& a, const Tensor& b) {
   return sa[0] < sb[1] && sb[0] < sa[1];
 }
 
-// torch::stable::contiguous() is a dispatcher call even for a contiguous tensor: skip it then.
+// torch::stable::contiguous() and to() are dispatcher calls (boxed, microseconds each) even when
+// they have nothing to do: skip them then.
 inline Tensor ensure_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+inline Tensor contiguous_as(const Tensor& t, ScalarType dtype) {
+  return ensure_contiguous(t.scalar_type() == dtype ? t : torch::stable::to(t, dtype));
 }
 
 // --------------------------------------------------------------------------- other ops

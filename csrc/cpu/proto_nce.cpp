@@ -146,7 +146,7 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
     Term<T> t;
     t.src = ensure_contiguous(prototypes[m]);
     const int64_t kk = t.src.size(0);
-    const Tensor phi = ensure_contiguous(torch::stable::to(phi_in[m], q.scalar_type()));
+    const Tensor phi = contiguous_as(phi_in[m], q.scalar_type());
     t.phi = phi.const_data_ptr<T>();
     for (int64_t c = 0; c < kk; ++c) {
       PCL_CHECK_VALUE(std::isfinite(t.phi[c]) && t.phi[c] > 0, "proto_nce: `phi[", m,
@@ -193,11 +193,18 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
   std::vector<T> row_max(nchunks * n, -std::numeric_limits<T>::infinity());
   std::vector<T> row_sum(nchunks * n, T(0));
 
-  // The workers touch tensors only through raw pointers and cpu_matrix views, and multiply
-  // through the C shims (csrc/torch_stable.h): no dispatcher call leaves the calling thread.
+  // The workers read the inputs only through raw pointers and cpu_matrix views, and multiply
+  // through the C shims (csrc/torch_stable.h): no dispatcher call of theirs takes an input
+  // tensor (which may require grad). Their scratch comes from torch's allocator, like the
+  // rest of the op's memory.
   T* const acc_base = acc_all.mutable_data_ptr<T>();
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   torch::stable::parallel_for(0, nchunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> logits(n * tile), gathered(tile * d), scale(tile), alpha(n);
+    const Tensor scratch = torch::stable::empty({n * tile + tile * d}, q.scalar_type(),
+                                                std::nullopt, cpu);
+    T* const logits = scratch.mutable_data_ptr<T>();
+    T* const gathered = logits + n * tile;
+    std::vector<T> scale(tile), alpha(n);
     for (int64_t ci = first; ci < last; ++ci) {
       const Chunk& ch = chunks[ci];
       const Term<T>& t = terms[ch.term];
@@ -211,17 +218,17 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
         const T* x_p = src + c0 * d;
         if (t.ids != nullptr) {
           for (int64_t j = 0; j < tc; ++j) {
-            std::memcpy(gathered.data() + j * d, src + t.ids[c0 + j] * d, d * sizeof(T));
+            std::memcpy(gathered + j * d, src + t.ids[c0 + j] * d, d * sizeof(T));
           }
-          x_p = gathered.data();
+          x_p = gathered;
         }
         for (int64_t j = 0; j < tc; ++j) {
           const int64_t row = t.ids != nullptr ? t.ids[c0 + j] : c0 + j;
           scale[j] = t.phi != nullptr ? T(1) / t.phi[row] : t.inv_t;
         }
-        const Tensor s = cpu_matrix(logits.data(), n, tc, tc, 1);
+        const Tensor s = cpu_matrix(logits, n, tc, tc, 1);
         mm_out(s, q, cpu_matrix(x_p, d, tc, 1, d));  // S = q X^T
-        T* s_p = logits.data();
+        T* s_p = logits;
         bool rescale = false;
         for (int64_t i = 0; i < n; ++i) {
           T* row = s_p + i * tc;

@@ -756,9 +756,8 @@ ProtoNCEOut proto_nce_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor&
                            ? Tensor()
                            : torch::stable::detail::to<Tensor>(call_aten<2>(
                                  "aten::cat", "", TensorList{assign, negatives[m]}, int64_t{0})[0]);
-    add_term(ensure_contiguous(prototypes[m]), ids,
-             ensure_contiguous(torch::stable::to(phi_in[m], ScalarType::Float)), assign,
-             1.0 / static_cast<double>(m_count));
+    add_term(ensure_contiguous(prototypes[m]), ids, contiguous_as(phi_in[m], ScalarType::Float),
+             assign, 1.0 / static_cast<double>(m_count));
   }
 
   // Chunks: a fixed function of the shapes, aiming at ~kTargetBlocks blocks in all.
