@@ -20,9 +20,11 @@
 namespace pcl_ext {
 namespace {
 
+using stream::Mat;
+
 constexpr int64_t kRowBlock = 128;     // forward rows per work item
 constexpr int64_t kKeyBlock = 128;     // backward keys per work item (at most)
-constexpr int64_t kBackwardRows = 1024;  // backward rows per tile
+constexpr int64_t kBackwardRows = stream::kMaxGemmDepth;  // backward rows per tile
 constexpr int64_t kTargetItems = 16;   // work items to aim for (parallelism, not threads)
 
 // targets in [0, K); with exclude_self, targets[i] != i (the target would be masked).
@@ -55,7 +57,7 @@ InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tenso
 
   // Row blocks first; columns split into chunks only as far as parallelism needs.
   const int64_t rb = std::min(n, kRowBlock), row_blocks = (n + rb - 1) / rb;
-  const int64_t tile = stream::tile_columns(rb);
+  const int64_t tile = std::min(stream::kMaxGemmDepth, stream::tile_columns(rb));
   const int64_t chunk_cols =
       stream::chunk_columns(kk, tile, (kTargetItems + row_blocks - 1) / row_blocks);
   const int64_t nchunks = (kk + chunk_cols - 1) / chunk_cols;
@@ -73,21 +75,21 @@ InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tenso
       const int64_t ci = item % nchunks, r0 = item / nchunks * rb;
       const int64_t rows = std::min(rb, n - r0);
       const int64_t c_end = std::min(kk, (ci + 1) * chunk_cols);
-      const Tensor q_b = cpu_matrix(q_p + r0 * d, rows, d, d, 1);
       T* m_p = row_max.data() + ci * n + r0;
       T* l_p = row_sum.data() + ci * n + r0;
       T* acc_p = grad_q ? acc_base + (ci * n + r0) * d : nullptr;
       for (int64_t c0 = ci * chunk_cols; c0 < c_end; c0 += tile) {
         const int64_t tc = std::min(tile, c_end - c0);
-        const Tensor s = cpu_matrix(logits, rows, tc, tc, 1);
-        mm_out(s, q_b, cpu_matrix(k_p + c0 * d, d, tc, 1, d));  // S = Q_b K_t^T
+        const Mat<T> k_t{k_p + c0 * d, d, 1};
+        stream::gemm(logits, tc, Mat<T>{q_p + r0 * d, d, 1}, k_t.transposed(), rows, tc, d,
+                     false);  // S = Q_b K_t^T
         if (exclude_self) {  // row i's column i, where it falls in this tile
           for (int64_t i = std::max(r0, c0); i < std::min(r0 + rows, c0 + tc); ++i) {
             logits[(i - r0) * tc + (i - c0)] = -std::numeric_limits<T>::infinity();
           }
         }
         stream::softmax_tile(logits, rows, tc, scale.data(), m_p, l_p, acc_p, d, alpha.data());
-        if (grad_q) addmm_(cpu_matrix(acc_p, rows, d, d, 1), s, cpu_matrix(k_p + c0 * d, tc, d, d, 1));
+        if (grad_q) stream::gemm(acc_p, d, Mat<T>{logits, tc, 1}, k_t, rows, d, tc, true);
       }
     }
   });
@@ -159,13 +161,12 @@ Tensor info_nce_backward_cpu_impl(const Tensor& g_in, const Tensor& q_in, const 
     T* const probs = scratch.mutable_data_ptr<T>();
     for (int64_t b = first; b < last; ++b) {
       const int64_t k0 = b * kb, keys_b = std::min(kb, kk - k0);
-      const Tensor k_b = cpu_matrix(k_p + k0 * d, d, keys_b, 1, d);  // K_b^T
-      const Tensor dk_b = cpu_matrix(dk_base + k0 * d, keys_b, d, d, 1);
+      const Mat<T> k_b{k_p + k0 * d, d, 1};
       for (int64_t r0 = 0; r0 < n; r0 += rt) {
         const int64_t rows = std::min(rt, n - r0);
-        const Tensor q_r = cpu_matrix(q_p + r0 * d, rows, d, d, 1);
-        const Tensor s = cpu_matrix(probs, rows, keys_b, keys_b, 1);
-        mm_out(s, q_r, k_b);  // S = Q_r K_b^T
+        const Mat<T> q_r{q_p + r0 * d, d, 1};
+        stream::gemm(probs, keys_b, q_r, k_b.transposed(), rows, keys_b, d,
+                     false);  // S = Q_r K_b^T
         for (int64_t i = 0; i < rows; ++i) {
           stream::exp_affine(probs + i * keys_b, keys_b, inv_t, lse_p[r0 + i],
                              g_p[r0 + i] * inv_t);
@@ -175,8 +176,8 @@ Tensor info_nce_backward_cpu_impl(const Tensor& g_in, const Tensor& q_in, const 
             probs[(i - r0) * keys_b + (i - k0)] = T(0);
           }
         }
-        // dK_b += P^T Q_r
-        addmm_(dk_b, cpu_matrix(probs, keys_b, rows, 1, keys_b), q_r);
+        stream::gemm(dk_base + k0 * d, d, Mat<T>{probs, 1, keys_b}, q_r, keys_b, d, rows,
+                     true);  // dK_b += P^T Q_r
       }
       for (int64_t i = 0; i < n; ++i) {  // the targets' -g_i q_i / T, in row order
         if (tg[i] < k0 || tg[i] >= k0 + keys_b) continue;

@@ -124,6 +124,7 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
   // tensor (which may require grad). Their scratch comes from torch's allocator, like the
   // rest of the op's memory.
   T* const acc_base = acc_all.mutable_data_ptr<T>();
+  const T* const q_data = q.const_data_ptr<T>();
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   torch::stable::parallel_for(0, nchunks, 1, [&](int64_t first, int64_t last) {
     const Tensor scratch = torch::stable::empty({n * tile + tile * d}, q.scalar_type(),
@@ -136,7 +137,6 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
       const Term<T>& t = terms[ch.term];
       const T* src = t.src.template const_data_ptr<T>();
       T* acc_p = acc_base + ci * n * d;
-      const Tensor acc = cpu_matrix(acc_p, n, d, d, 1);
       T* m_p = row_max.data() + ci * n;
       T* l_p = row_sum.data() + ci * n;
       for (int64_t c0 = ch.begin; c0 < ch.end; c0 += tile) {
@@ -152,10 +152,11 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
           const int64_t row = t.ids != nullptr ? t.ids[c0 + j] : c0 + j;
           scale[j] = t.phi != nullptr ? T(1) / t.phi[row] : t.inv_t;
         }
-        const Tensor s = cpu_matrix(logits, n, tc, tc, 1);
-        mm_out(s, q, cpu_matrix(x_p, d, tc, 1, d));  // S = q X^T
+        const stream::Mat<T> x{x_p, d, 1};
+        stream::gemm(logits, tc, stream::Mat<T>{q_data, d, 1}, x.transposed(), n, tc, d,
+                     false);  // S = q X^T
         stream::softmax_tile(logits, n, tc, scale.data(), m_p, l_p, acc_p, d, alpha.data());
-        addmm_(acc, s, cpu_matrix(x_p, tc, d, d, 1));  // acc += P X
+        stream::gemm(acc_p, d, stream::Mat<T>{logits, tc, 1}, x, n, d, tc, true);  // acc += P X
       }
     }
   });

@@ -112,6 +112,38 @@ inline void exp_affine(float* s, int64_t n, float mul, float shift, float out) {
   exp_affine_f32(s, n, mul, shift, out);
 }
 
+// MKL blocks a product's inner dimension differently inside and outside a parallel region
+// (measured with torch 2.14's MKL: beyond 256 the bits of a 1-thread and a 2-thread run
+// differ). gemm() splits deeper products into calls of at most this depth, in a fixed order,
+// so that the bits do not depend on the thread count.
+constexpr int64_t kMaxGemmDepth = 256;
+
+// A strided CPU matrix view: element (r, c) at data[r * rs + c * cs].
+template <typename T>
+struct Mat {
+  const T* data;
+  int64_t rs, cs;
+  Mat transposed() const { return {data, cs, rs}; }
+};
+
+// c (m x n, row-major with row stride ldc) = a b, or += a b with `accumulate`; a is m x k,
+// b is k x n. Summed over the inner dimension in pieces of kMaxGemmDepth, in order.
+template <typename T>
+void gemm(T* c, int64_t ldc, Mat<T> a, Mat<T> b, int64_t m, int64_t n, int64_t k,
+          bool accumulate) {
+  const Tensor out = cpu_matrix(c, m, n, ldc, 1);
+  for (int64_t k0 = 0; k0 < k; k0 += kMaxGemmDepth) {
+    const int64_t depth = std::min(kMaxGemmDepth, k - k0);
+    const Tensor a_k = cpu_matrix(a.data + k0 * a.cs, m, depth, a.rs, a.cs);
+    const Tensor b_k = cpu_matrix(b.data + k0 * b.rs, depth, n, b.rs, b.cs);
+    if (accumulate || k0 > 0) {
+      addmm_(out, a_k, b_k);
+    } else {
+      mm_out(out, a_k, b_k);
+    }
+  }
+}
+
 // Columns per tile for a block of `rows` rows: the rows x tile logit block stays in L2.
 inline int64_t tile_columns(int64_t rows) {
   return std::clamp<int64_t>((int64_t{1} << 17) / rows / 16 * 16, 64, 1024);
