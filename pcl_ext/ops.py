@@ -278,8 +278,9 @@ def info_nce_with_accuracy(queries: Tensor, keys: Tensor, targets: Optional[Tens
                                device=queries.device)
     _check_dtype("info_nce", "targets", targets, _LONG)
     if on_cpu and queries.dtype in (torch.float16, torch.bfloat16):
+        q32 = queries.float()  # one cast for queries-is-keys: one float32 gradient, rounded once
         loss, correct = info_nce_with_accuracy(
-            queries.float(), keys.float(), targets, temperature=temperature,
+            q32, q32 if keys is queries else keys.float(), targets, temperature=temperature,
             exclude_self=exclude_self, reduction=reduction)
         return loss.to(queries.dtype), correct
     if check_values and not on_cpu and not _tracing():
