@@ -136,14 +136,14 @@ template <typename T, Math M, int NA>
 __device__ __forceinline__ void key_grad_tiles(const BackwardParams& p) {
   using S = TileT<T, M>;
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_red[kWarps];
   const int bm = p.bm, bn = p.bn, ldx = p.ldx, ldp = p.ldp, lds = p.lds;
   S* sk = reinterpret_cast<S*>(smem);  // the block's keys
   S* sx = sk + bm * ldx;               // two query tiles: load tile i + 1 while computing tile i
   S* sp = sx + 2 * bn * ldx;           // W in the GEMM input type
   float* ss = reinterpret_cast<float*>(sp + bm * ldp);  // S^T = K Q^T
   float* sscale = ss + bm * lds;       // load_columns' column scales (all 1/T: unused)
-  float* sw = sscale + 2 * bn + bm;    // smem_bytes' per-row floats stay unused
+  float* sred = sscale + 2 * bn;       // smem_bytes' bm per-row floats: the warps' max |g_i|
+  float* sw = sred + bm;
   float* slse = sw + bn;
   int64_t* stgt = reinterpret_cast<int64_t*>(slse + bn);  // 8-byte aligned: bm, bn % 16 == 0
 
@@ -162,10 +162,10 @@ __device__ __forceinline__ void key_grad_tiles(const BackwardParams& p) {
   float gmax = 0.0f;
   for (int64_t i = cbeg + threadIdx.x; i < cend; i += kThreads) gmax = fmaxf(gmax, fabsf(p.grad[i]));
   for (int o = 16; o > 0; o /= 2) gmax = fmaxf(gmax, __shfl_xor_sync(0xffffffffu, gmax, o));
-  if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = gmax;
+  if (threadIdx.x % 32 == 0) sred[threadIdx.x / 32] = gmax;  // kWarps (8) <= bm
   __syncthreads();
   gmax = 0.0f;
-  for (int k = 0; k < kWarps; ++k) gmax = fmaxf(gmax, s_red[k]);
+  for (int k = 0; k < kWarps; ++k) gmax = fmaxf(gmax, sred[k]);
 
   const WarpTile w = warp_tile(bm);
   const int na = p.dp / (8 * w.wpn);
