@@ -15,10 +15,12 @@ except ImportError as exc:
                       "`pip install .`") from exc
 
 from . import reference  # noqa: E402
-from .ops import concentration, momentum_update_, proto_nce, sample_negatives  # noqa: E402
+from .ops import (concentration, info_nce, info_nce_with_accuracy, momentum_update_,  # noqa: E402
+                  proto_nce, sample_negatives)
 from .cluster import ClusterResult, cluster  # noqa: E402
 from .queue import RingQueue  # noqa: E402
 from .loss import ProtoNCELoss  # noqa: E402
 
-__all__ = ["ClusterResult", "ProtoNCELoss", "RingQueue", "cluster", "concentration",
-           "momentum_update_", "proto_nce", "reference", "sample_negatives"]
+__all__ = ["ClusterResult", "ProtoNCELoss", "RingQueue", "cluster", "concentration", "info_nce",
+           "info_nce_with_accuracy", "momentum_update_", "proto_nce", "reference",
+           "sample_negatives"]
