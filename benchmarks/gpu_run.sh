@@ -79,9 +79,14 @@ import sys
 
 
 def key(kind: str, d: dict) -> str:
-    if kind in ("loss_speed", "info_nce_speed"):
+    if kind == "loss_speed":
         return ", ".join(f"{r['shape']} {r['speedup']:.2f}x" if "speedup" in r else r["shape"]
                          for r in d["results"])
+    if kind == "info_nce_speed":
+        return ", ".join(f"2N={r['rows']} {r['fused']['median_ms']:.3g} ms "
+                         f"({r['fused_over_floor']:.2f}x floor"
+                         + (f", {1 / r['fused_over_eager']:.2f}x vs eager)"
+                            if "fused_over_eager" in r else ")") for r in d["results"])
     if kind == "momentum_speed":
         r = d["result"]
         return (f"{r['methods']['pcl_ext']['gbps']:.0f} GB/s, {r['speedup_vs_lerp']:.2f}x vs "

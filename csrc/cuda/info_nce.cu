@@ -16,18 +16,21 @@
 // Backward (info_nce_backward): dK_j = sum_i g_i (P_ij - [j == t_i]) q_i / T, P_ij = e^{s_ij -
 // lse_i} (P_ii = 0 under exclude_self). The roles swap, FlashAttention-2 style: a block owns bm
 // keys, the rows of the tile GEMMs, and streams one chunk of the queries as column tiles:
-//   S^T = K Q^T (tile_scores),  W = (P^T - Y^T) diag(g) (elementwise),  acc += W Q
-// (tile_accumulate). lse is known, so there is no running max, and chunks of queries merge by a
-// plain float32 sum in chunk order (a second launch): no atomics, the same bits every run. W
-// enters the GEMM in its input type: per chunk, g is taken relative to the chunk's largest |g_i|
-// and scaled by 2^14, so |W| <= 2^14 fits fp16 and P ~ 1/K of flat softmaxes stays a normal
-// number; the stored partial undoes it (g_max 2^-14 / T) in float32.
+//   S^T = K Q^T (tile_scores),  W = P^T diag(w) (elementwise),  acc += W Q (tile_accumulate),
+// then acc_j -= w_i q_i for the tile's rows i with t_i = j, in float32 from the exact query
+// tile: the target's -1 stays out of W's rounding, as the forward keeps the target column apart.
+// w_i = g_i 2^14 / max |g| over the chunk: W enters the GEMM in its input type, and |W| <= 2^14
+// fits fp16 while P ~ 1/K of flat softmaxes stays a normal number; the stored partial undoes
+// the scale (max |g| 2^-14 / T) in float32. lse is known, so there is no running max, and the
+// chunks of queries merge by a plain float32 sum in chunk order (a second launch): no atomics,
+// the same bits every run.
 //
 // Bounds, for a reviewer: tiles past the last key (rows >= K) or query (columns >= tc) load as
 // zeros and get W = 0, and neither is stored; a tile's columns are global ids c0 + c, so t_i and
 // i (exclude_self) are compared with global key ids j = row0 + r wherever they fall, inside or
 // outside the current tile. A target outside [0, K) (or t_i == i under exclude_self), which the
-// Python wrapper rejects, turns row i's outputs NaN and is never dereferenced.
+// Python wrapper rejects, is never dereferenced: it turns row i's forward outputs NaN, and the
+// backward matches no key with it.
 #include "../info_nce.h"
 #include "stream_softmax.cuh"
 
@@ -191,20 +194,39 @@ __device__ __forceinline__ void key_grad_tiles(const BackwardParams& p) {
     tile_scores<S, M>(ss, lds, sk, xb, ldx, p.dp, bn, w);  // S^T = K Q^T over the padded D
     __syncthreads();
 
-    // W[r][c] = (P_ij - [j == t_i]) w_i for key j = row0 + r and query i = c0 + c.
+    // W[r][c] = P_ij w_i for key j = row0 + r and query i = c0 + c (0 past the last key or
+    // query, and for j == i under exclude_self).
     for (int idx = threadIdx.x; idx < bm * bn; idx += kThreads) {
       const int r = idx / bn, c = idx - r * bn;
       const int64_t j = row0 + r, i = c0 + c;
       float v = 0.0f;
       if (c < tc && j < p.n && !(queries.exclude_self && i == j)) {
-        const float pij = expf(ss[r * lds + c] * p.inv_t - slse[c]);
-        v = (stgt[c] == j ? pij - 1.0f : pij) * sw[c];
+        v = expf(ss[r * lds + c] * p.inv_t - slse[c]) * sw[c];
       }
       sp[r * ldp + c] = from_f<S>(v);
     }
     __syncthreads();
 
     tile_accumulate<S, M>(acc, sp, ldp, xb, ldx, bn, na, w);  // acc += W Q
+    // The targets' -w_i q_i, kept out of W's rounding (as the forward keeps the target column
+    // apart): added in float32 to this thread's acc rows j = t_i, from the exact query tile.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = row0 + w.slice * 16 + w.g + 8 * h;
+      for (int c = 0; c < tc; ++c) {
+        if (stgt[c] != j) continue;
+        const float wc = sw[c];
+        const S* qc = xb + c * ldx;
+#pragma unroll
+        for (int f = 0; f < NA; ++f) {
+          if (f < na) {
+            const int col = (w.wn + w.wpn * f) * 8 + 2 * w.t4;  // < dp: zeros past d
+            acc[f][2 * h] -= wc * to_f(qc[col]);
+            acc[f][2 * h + 1] -= wc * to_f(qc[col + 1]);
+          }
+        }
+      }
+    }
   }
   store_acc(p.ws_acc + (int64_t(chunk) * p.n + row0) * p.d, acc,
             gmax / kWeightScale * p.inv_t, p.n - row0, na, p.d, w);
