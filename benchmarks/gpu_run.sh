@@ -82,6 +82,11 @@ def key(kind: str, d: dict) -> str:
     if kind == "loss_speed":
         return ", ".join(f"{r['shape']} {r['speedup']:.2f}x" if "speedup" in r else r["shape"]
                          for r in d["results"])
+    if kind == "info_nce_speed":
+        return ", ".join(f"2N={r['rows']} {r['fused']['median_ms']:.3g} ms "
+                         f"({r['fused_over_floor']:.2f}x floor"
+                         + (f", {1 / r['fused_over_eager']:.2f}x vs eager)"
+                            if "fused_over_eager" in r else ")") for r in d["results"])
     if kind == "momentum_speed":
         r = d["result"]
         return (f"{r['methods']['pcl_ext']['gbps']:.0f} GB/s, {r['speedup_vs_lerp']:.2f}x vs "
@@ -110,7 +115,9 @@ EOF
 
 cat > "$work/cuda_ops_once.py" <<'EOF'
 """Every pcl_ext op once on small inputs (for compute-sanitizer): both proto_nce layouts in every
-dtype and math mode, D > 256, a partial row block, unaligned slices, phi = 1e-5 in float16."""
+dtype and math mode, D > 256, a partial row block, unaligned slices, phi = 1e-5 in float16;
+info_nce forward and backward in the same modes (exclude_self, queries is keys, K spanning
+chunks, N = 1 and K = 1)."""
 import sys
 
 import torch
@@ -147,6 +154,17 @@ for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float1
         for negs in (None, [torch.randperm(kk, generator=g)[:17].to(dev) for kk in ks]):
             q.grad = None
             pcl_ext.proto_nce(q, k, queue, protos, phi, assign, negs).backward()
+    for n, kk, d, offset, exclude_self in ((70, 600, 40, 0, False), (20, 20, 264, 1, True),
+                                           (1, 1, 8, 0, False), (300, 300, 24, 0, True)):
+        q, keys = unit(n, d, dtype, offset).requires_grad_(), unit(kk, d, dtype).requires_grad_()
+        targets = torch.randint(0, kk, (n,), generator=g)
+        if exclude_self:  # never a row's own column
+            targets = (torch.arange(n) + torch.randint(1, kk, (n,), generator=g)) % kk
+        pcl_ext.info_nce(q, keys, targets.to(dev), temperature=0.2,
+                         exclude_self=exclude_self).backward()
+        z = unit(2 * n, d, dtype).requires_grad_()  # queries is keys (SimCLR)
+        pcl_ext.info_nce(z, z, ((torch.arange(2 * n) + n) % (2 * n)).to(dev), temperature=0.5,
+                         exclude_self=True).backward()
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     keys = [torch.randn(s, generator=g).to(dev, dtype) for s in ((33, 7), (5,), (1000,))]
     pcl_ext.momentum_update_(keys, [torch.randn_like(t) for t in keys], 0.999)
@@ -218,7 +236,7 @@ else
   fi
 
   op_tests=()
-  for name in proto_nce momentum queue concentration sample_negatives loss cluster; do
+  for name in proto_nce info_nce momentum queue concentration sample_negatives loss cluster; do
     op_tests+=("$repo/python_tests/test_$name.py")
   done
   if step tests 240 "$out/tests.log" "$py" -m pytest "${op_tests[@]}" -q -k cuda \
@@ -250,6 +268,13 @@ else
   bench loss-float32 150 loss_speed loss_speed.py --device $dev "${small[@]}"
   bench loss-tf32 150 loss_speed loss_speed.py --device $dev --tf32 "${small[@]}"
   bench loss-bfloat16 150 loss_speed loss_speed.py --device $dev --dtype bfloat16 "${small[@]}"
+  if [ -f "$repo/benchmarks/info_nce_speed.py" ]; then
+    bench info-nce-float32 120 info_nce_speed info_nce_speed.py --device $dev "${quick[@]}"
+    bench info-nce-bfloat16 120 info_nce_speed info_nce_speed.py --device $dev --dtype bfloat16 \
+      "${quick[@]}"
+  else
+    record info-nce SKIP 0 "benchmarks/info_nce_speed.py is not in this checkout"
+  fi
   bench momentum 90 momentum_speed momentum_speed.py --device $dev "${quick[@]}"
   bench queue 90 queue_speed queue_speed.py --device $dev "${quick[@]}"
   bench concentration 120 concentration_speed concentration_speed.py --device $dev "${quick[@]}"

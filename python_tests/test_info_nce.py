@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import pcl_ext
-from pcl_ext import reference
+from pcl_ext import check, reference
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, cuda_only
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # float64 only where a kernel computes in it (the CPU); half precision is tested apart.
@@ -289,3 +289,82 @@ def test_backward_op_bad_inputs():
         op(torch.ones(3), q, keys, targets, lse, 0.2, False)
     with pytest.raises(IndexError, match="`targets`"):
         op(torch.ones(4), q, keys, targets + 6, lse, 0.2, False)
+
+
+# ------------------------------------------------------------------------------- CUDA kernels
+# Every arithmetic of the CUDA kernels against pcl_ext.check's derived error bounds, on shapes
+# that reach the tile bounds (the CUDA tiles in the comments: rows bm x columns bn).
+CUDA_SHAPES = [
+    check.NCEShape(6, 9, 5),                              # one partial tile each way
+    check.NCEShape(70, 70, 40, exclude_self=True),        # the diagonal crosses tiles; N % 64
+    check.NCEShape(33, 5000, 130),                        # several key chunks; D % 64 != 0
+    check.NCEShape(1100, 1200, 24, exclude_self=True),    # backward: 5 chunks of queries
+    check.NCEShape(20, 300, 264),                         # D > 256: bm = 32
+    check.NCEShape(40, 260, 1000, exclude_self=True),     # D > 512: bm = bn = 16
+    check.NCEShape(80, 1, 32, simclr=True),               # queries is keys
+    check.NCEShape(30, 200, 16, duplicates=True),         # one key is every row's target
+    check.NCEShape(32, 256, 64, scale=4.0),               # peaked softmaxes
+    check.NCEShape(1, 17, 4), check.NCEShape(5, 1, 3), check.NCEShape(1, 1, 3),
+]
+CUDA_MODES = ["float32", "float32+tf32", "float32+3xtf32", "float16", "bfloat16"]
+
+
+def cuda_mode(name: str, monkeypatch) -> check.Mode:
+    """check's CUDA mode of that name; 3xTF32 (PCL_EXT_FLOAT32_MATH=3xtf32): float32 inputs
+    split into two TF32 terms (2^-21 of each left) on tensor cores."""
+    if name == "float32+3xtf32":
+        monkeypatch.setenv("PCL_EXT_FLOAT32_MATH", "3xtf32")
+        u32 = check.unit_roundoff(torch.float32)
+        return check.Mode(name, torch.float32, 2 * u32, 2 * u32, u_in=2.0**-21, u_p=2.0**-21)
+    monkeypatch.delenv("PCL_EXT_FLOAT32_MATH", raising=False)
+    return {m.name: m for m in check.proto_nce_modes(torch.device("cuda"))}[name]
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", CUDA_MODES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: f"{s}{' x4' if s.scale > 1 else ''}"
+                         f"{' same-target' if s.duplicates else ''}")
+def test_cuda_within_derived_bounds(shape, mode, monkeypatch):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    verdict = check.check_info_nce(shape, torch.device("cuda"), cuda_mode(mode, monkeypatch), gen)
+    assert not verdict.problems, verdict.line()[1]
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", CUDA_MODES)
+def test_cuda_deterministic(mode, monkeypatch):
+    """No atomics, fixed merge orders: the same bits twice, with K and N over several chunks."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    verdict = check.check_info_nce_deterministic(check.NCEShape(300, 3000, 64),
+                                                 torch.device("cuda"),
+                                                 cuda_mode(mode, monkeypatch), gen)
+    assert not verdict.problems, verdict.line()[1]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_unaligned(dtype):
+    """Rows one element off 16-byte alignment: the tiles load element by element instead of
+    with cp.async."""
+    q, keys, targets = sample_inputs("cuda", dtype, n=50, k=300, d=32)
+    shifted = []
+    for t in (q, keys):
+        buf = torch.empty(t.numel() + 1, device="cuda", dtype=dtype)
+        shifted.append(buf[1:].view(t.shape).copy_(t.detach()).requires_grad_())
+    assert shifted[0].data_ptr() % 16 != 0
+    losses = pcl_ext.info_nce(*shifted, targets, temperature=0.2, reduction="none")
+    g = torch.rand(50, dtype=torch.float64)
+    dq, dk = torch.autograd.grad(losses, shifted, g.to("cuda", dtype))
+    want = reference_f64(*shifted, targets, 0.2, False, g.to(dtype).double())
+    # float16: the logits' inputs are exact, P and the outputs are rounded to 2^-11.
+    rtol, atol = TOL[dtype] if dtype == torch.float32 else (1e-2, 1e-2)
+    for got, ref in zip((losses, dq, dk), want):
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=rtol,
+                                   atol=atol * ref.abs().max().item())
+
+
+@cuda_only
+def test_cuda_embedding_dimension_limit():
+    q, keys, targets = sample_inputs("cuda", torch.float32, n=4, k=5, d=1032)
+    with pytest.raises(ValueError, match="up to 1024, `queries` has D = 1032"):
+        pcl_ext.info_nce(q, keys, targets, temperature=0.2)
