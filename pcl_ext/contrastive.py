@@ -80,8 +80,9 @@ class NTXentLoss(nn.Module):
         gather: under ``torch.distributed``, every rank's ``2N`` rows are columns of each
             rank's loss (SimCLR's global negatives: ``2 N W - 2`` per row); equal to one process
             on the concatenated batch, gradients included (:mod:`pcl_ext.distributed`).
-        accuracy: after each call ``acc`` holds the top-1 accuracy (percent, 0-dim tensor) of
-            the positive among the same columns: one more ``2N x K`` product, no gradient.
+        accuracy: after each call ``acc_inst`` holds the top-1 accuracy (percent, 0-dim
+            tensor) of the positive among the same columns: one more ``2N x K`` product, no
+            gradient.
 
     ``forward(z1, z2)``: ``[N, D]`` embeddings of the two views; returns the scalar ``L``.
     """
@@ -91,7 +92,7 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = _finite("temperature", temperature, zero_ok=False, owner="NTXentLoss")
         self.normalize, self.gather, self.accuracy = normalize, gather, accuracy
-        self.acc: Optional[Tensor] = None
+        self.acc_inst: Optional[Tensor] = None
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         _pair("NTXentLoss", ("z1", "z2"), z1, z2)
@@ -105,7 +106,7 @@ class NTXentLoss(nn.Module):
         keys = torch.cat([keys[offset:], keys[:offset]]) if offset else keys
         targets = torch.arange(2 * n, device=z.device).roll(n)             # i <-> i + N
         if self.accuracy:
-            self.acc = top1_accuracy(z.detach(), keys.detach(), targets, exclude_self=True)
+            self.acc_inst = top1_accuracy(z.detach(), keys.detach(), targets, exclude_self=True)
         return info_nce(z, keys, targets, temperature=self.temperature, exclude_self=True)
 
     def extra_repr(self) -> str:
