@@ -528,8 +528,8 @@ def train(args: argparse.Namespace) -> dict:
                         num_workers=args.workers, drop_last=True,
                         pin_memory=env.device.type == "cuda")
     if env.master:
-        print(f"{METHOD_NAMES[args.method]} on {args.dataset} ({len(train_set)} images), {args.arch}, "
-              f"{env.world} x {env.device}, clusters {args.num_cluster or 'none'}, "
+        print(f"{METHOD_NAMES[args.method]} on {args.dataset} ({len(train_set)} images), "
+              f"{args.arch}, {env.world} x {env.device}, clusters {args.num_cluster or 'none'}, "
               f"r={'all' if args.pcl_r is None else args.pcl_r}, epochs {start_epoch}..{args.epochs}")
 
     for epoch in range(start_epoch, args.epochs):
