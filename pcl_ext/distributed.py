@@ -30,14 +30,10 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         # Each rank's loss put gradients on every rank's rows: the owner's gradient is their
-        # sum over the ranks (a reduce-scatter; gloo has none, so all-reduce and slice).
-        grad = grad.contiguous()
+        # sum over the ranks. A reduce-scatter would move half the bytes, but gloo has none;
+        # the keys' gradient is small beside the parameters' all-reduce, so one path for all.
         n = grad.shape[0] // ctx.world
-        if dist.get_backend() == dist.Backend.NCCL:
-            out = grad.new_empty((n, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        total = grad.clone()  # the incoming gradient may be shared: never reduce it in place
+        total = grad.clone(memory_format=torch.contiguous_format)  # never reduce it in place
         dist.all_reduce(total)
         return total[ctx.rank * n:(ctx.rank + 1) * n]
 
@@ -49,8 +45,8 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     Differentiable: the gradient of rank ``r``'s rows is summed over the ranks and returned
     to rank ``r``. With DDP averaging the parameters' gradients, each rank's loss being the
     mean over its own rows, the gradients equal a single process's on the concatenated batch.
-    Every rank must pass the same shape (a ``DataLoader`` with ``drop_last=True``); NCCL
-    reduce-scatters the gradient, gloo all-reduces it.
+    Every rank must pass the same shape (a ``DataLoader`` with ``drop_last=True``). Any
+    backend (gloo, NCCL): the backward all-reduces the gathered gradient.
     """
     _, world = rank_and_world()
     if world == 1:
