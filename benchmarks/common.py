@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 import pcl_ext
 
@@ -167,6 +169,22 @@ def quiet_profiler() -> Iterator[None]:
                     if not pattern.search(line)]
             if kept:
                 print("\n".join(kept), file=sys.stderr, flush=True)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of the CPU allocator's alloc (+) / free (-) events during fn().
+
+    The profiler only hears allocations of the calling thread, not of OpenMP workers, so
+    callers run fn single-threaded to see every allocation."""
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    running = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
 
 
 # ----------------------------------------------------------------------------- output

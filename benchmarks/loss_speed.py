@@ -23,13 +23,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 import pcl_ext
-from common import (add_seed_and_json, argument_parser, environment, format_header, format_row,
-                    init_device, quiet_profiler, shuffle_free_clusters, summary, time_round_robin,
-                    write_results)
+from common import (add_seed_and_json, argument_parser, cpu_peak_bytes, environment,
+                    format_header, format_row, init_device, shuffle_free_clusters, summary,
+                    time_round_robin, write_results)
 
 LossFn = Callable[..., Tensor]
 
@@ -79,22 +77,6 @@ def step(loss_fn: LossFn, inputs: dict) -> Tensor:
     loss = loss_fn(**inputs)
     loss.backward()
     return loss
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of the CPU allocator's alloc (+) / free (-) events during fn().
-
-    The profiler only hears allocations of the calling thread, not of OpenMP workers, so
-    callers run fn single-threaded to see every allocation."""
-    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
-    running = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak
 
 
 def peak_memory(loss_fn: LossFn, inputs: dict, device: torch.device) -> int:

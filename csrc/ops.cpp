@@ -24,6 +24,20 @@ STABLE_TORCH_LIBRARY(pcl_ext, m) {
       "Tensor[] assignments, Tensor[] negatives, float temperature, *, "
       "bool allow_tf32=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Fused InfoNCE forward: per-row cross-entropy of softmax_j(q_i . k_j / T) against column
+  // targets[i], streamed over key tiles (nothing N x K). Returns (losses [N], lse [N] (both in
+  // the accumulation dtype: float64 for float64, else float32), d losses_i / d q_i [N, D]
+  // accumulated during the pass (empty [0] unless compute_grad_queries), correct [N] bool).
+  // exclude_self: column i is left out of row i's softmax (needs N <= K, targets[i] != i).
+  m.def(
+      "info_nce(Tensor queries, Tensor keys, Tensor targets, float temperature, "
+      "bool exclude_self, bool compute_grad_queries, *, bool allow_tf32=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The key gradient of info_nce: sum_i grad_losses_i (P_ij - [j == targets_i]) q_i / T with
+  // P_ij = exp(s_ij - lse_i), a second streaming pass over key tiles x row tiles.
+  m.def(
+      "info_nce_backward(Tensor grad_losses, Tensor queries, Tensor keys, Tensor targets, "
+      "Tensor lse, float temperature, bool exclude_self, *, bool allow_tf32=False) -> Tensor");
   // EMA of the key encoder: key[i] <- momentum * key[i] + (1 - momentum) * query[i], in place.
   m.def("momentum_update_(Tensor(a!)[] key, Tensor[] query, float momentum) -> ()");
   // Ring-buffer queue: write `keys` at rows ptr, ptr+1, ... (mod size) of `buffer`, advance ptr.

@@ -15,12 +15,13 @@ except ImportError as exc:
                       "`pip install .`") from exc
 
 from . import reference  # noqa: E402
-from .ops import concentration, momentum_update_, proto_nce, sample_negatives  # noqa: E402
+from .ops import (concentration, info_nce, info_nce_with_accuracy, momentum_update_,  # noqa: E402
+                  proto_nce, sample_negatives)
 from .cluster import ClusterResult, cluster  # noqa: E402
 from .queue import RingQueue  # noqa: E402
 from .loss import ProtoNCELoss  # noqa: E402
 from .contrastive import NTXentLoss, SymmetricInfoNCELoss, cpc_info_nce  # noqa: E402
 
 __all__ = ["ClusterResult", "NTXentLoss", "ProtoNCELoss", "RingQueue", "SymmetricInfoNCELoss",
-           "cluster", "concentration", "cpc_info_nce", "momentum_update_", "proto_nce",
-           "reference", "sample_negatives"]
+           "cluster", "concentration", "cpc_info_nce", "info_nce", "info_nce_with_accuracy",
+           "momentum_update_", "proto_nce", "reference", "sample_negatives"]

@@ -519,6 +519,160 @@ def proto_nce_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------------------ info_nce
+@dataclass(frozen=True)
+class NCEShape:
+    n: int                  # rows (queries)
+    k: int                  # columns (keys); ignored for SimCLR, where keys are the queries
+    d: int
+    simclr: bool = False    # queries is keys, 2 views: targets i +- n/2, exclude_self
+    exclude_self: bool = False
+    scale: float = 1.0      # the embeddings' norm: larger means more peaked softmaxes
+    duplicates: bool = False  # every row's target is column 0
+
+    def __str__(self) -> str:
+        if self.simclr:
+            return f"SimCLR 2N={self.n} D={self.d}"
+        return f"N={self.n} K={self.k} D={self.d}" + (" no-self" if self.exclude_self else "")
+
+
+def make_nce_inputs(shape: NCEShape, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys (float64, CPU; the same tensor for SimCLR) and int64 targets."""
+    def unit(rows: int) -> Tensor:
+        return shape.scale * F.normalize(torch.randn(rows, shape.d, generator=gen,
+                                                     dtype=torch.float64), dim=1)
+
+    if shape.simclr:
+        z = unit(shape.n)
+        half = shape.n // 2
+        return z, z, (torch.arange(shape.n) + half) % shape.n
+    q, keys = unit(shape.n), unit(shape.k)
+    if shape.duplicates:
+        return q, keys, torch.zeros(shape.n, dtype=torch.long)
+    if shape.exclude_self:  # any column but the row's own
+        return q, keys, (torch.arange(shape.n) + torch.randint(1, shape.k, (shape.n,),
+                                                                generator=gen)) % shape.k
+    return q, keys, torch.randint(0, shape.k, (shape.n,), generator=gen)
+
+
+def run_info_nce(q: Tensor, keys: Tensor, targets: Tensor, grad: Tensor, shape: NCEShape,
+                 device: torch.device, mode: Mode):
+    """The op on ``device`` in ``mode``: losses [N], the gradients of sum_i grad_i losses_i
+    (queries, keys; for SimCLR one gradient, in both places) and correct."""
+    qd = q.to(device, mode.dtype).requires_grad_()
+    kd = qd if shape.simclr else keys.to(device, mode.dtype).requires_grad_()
+    with float32_matmul(mode.tf32):
+        losses, correct = ops.info_nce_with_accuracy(
+            qd, kd, targets.to(device), temperature=TEMPERATURE,
+            exclude_self=shape.simclr or shape.exclude_self, reduction="none")
+        inputs = (qd,) if shape.simclr else (qd, kd)
+        grads = torch.autograd.grad(losses, inputs, grad.to(device, losses.dtype))
+    dq, dk = (grads[0], grads[0]) if shape.simclr else grads
+    return losses.detach(), dq, dk, correct
+
+
+def check_info_nce(shape: NCEShape, device: torch.device, mode: Mode,
+                   gen: torch.Generator) -> Verdict:
+    """Losses, both gradients and correct against reference.info_nce in float64, on the values
+    the kernel saw, with the module docstring's bounds for s_ij = q_i k_j / T: per row,
+    E_i = (LAMBDA sqrt(D) + KAPPA) u |q_i| max_j |k_j| / T (+ TF32's 2 u_in) bounds every
+    logit's error; P_ij then errs by at most rel_i = exp(2 E_i) 3 E_i (the logit and the
+    log-sum-exp it is shifted by) plus the sums' and the stored weights' roundings, relative.
+    """
+    q, keys, targets = make_nce_inputs(shape, gen)
+    # The incoming gradient as the op sees it: in the losses' dtype, the inputs' one.
+    g = torch.rand(shape.n, generator=gen, dtype=torch.float64).to(mode.dtype).double()
+    losses, dq, dk, correct = run_info_nce(q, keys, targets, g, shape, device, mode)
+    q64 = q.to(mode.dtype).double().requires_grad_()
+    k64 = q64 if shape.simclr else keys.to(mode.dtype).double().requires_grad_()
+    exclude = shape.simclr or shape.exclude_self
+    ref = reference.info_nce(q64, k64, targets, TEMPERATURE, exclude, reduction="none")
+    grads = torch.autograd.grad(ref, (q64,) if shape.simclr else (q64, k64), g)
+    with torch.no_grad():
+        qa, ka = q64.detach(), k64.detach()
+        n, kk, d = qa.shape[0], ka.shape[0], qa.shape[1]
+        u = mode.u_acc
+        logits = qa @ ka.t() / TEMPERATURE
+        if exclude:
+            logits.fill_diagonal_(-torch.inf)
+        p = torch.softmax(logits, dim=1)
+        e = ((LAMBDA * math.sqrt(d) + KAPPA) * u + 2 * mode.u_in) * \
+            qa.norm(dim=1, keepdim=True) * ka.norm(dim=1).max() / TEMPERATURE  # N x 1
+        sums = lambda m: (LAMBDA * math.sqrt(m) + KAPPA) * u  # noqa: E731
+        rel = torch.exp(2 * e) * 3 * e + sums(kk) + mode.u_p + 2 * mode.u_in  # N x 1
+        k_t = ka[targets].abs() / TEMPERATURE
+        spread_q = p @ ka.abs() / TEMPERATURE  # sum_j p_ij |k_j| / T: N x D
+        loss_tol = (2 * e[:, 0] + sums(kk) + rounding(mode.dtype, ref.detach())
+                    + sums(1) * (ref.detach().abs() + logits.gather(1, targets[:, None])[:, 0].abs()))
+        dq_tol = g[:, None] * (rel * spread_q + (sums(1) + 2 * mode.u_in) * k_t)
+        onehot = torch.zeros_like(p).scatter_(1, targets[:, None], 1.0)
+        weight = g[:, None] * (rel * p + sums(n) * (p + onehot))  # N x K
+        dk_tol = weight.t() @ qa.abs() / TEMPERATURE
+        # correct: ties (within 16 eps D max(1, |s_max|)) and both logits' bounds are free.
+        s_t = logits.gather(1, targets[:, None])[:, 0]
+        s_max = logits.max(dim=1).values
+        slack = 16 * mode.eps_tie * d * s_max.abs().clamp(min=1) + 2 * e[:, 0]
+    v = Verdict()
+    v.close("losses", losses, ref.detach(), loss_tol)
+    if shape.simclr:
+        v.close("dz", dq, grads[0], dq_tol + dk_tol + rounding(mode.dtype, grads[0]))
+    else:
+        v.close("dq", dq, grads[0], dq_tol + rounding(mode.dtype, grads[0]))
+        v.close("dk", dk, grads[1], dk_tol + rounding(mode.dtype, grads[1]))
+    v.flags("correct", correct, s_t >= s_max, s_t < s_max - slack)
+    return v
+
+
+def check_info_nce_deterministic(shape: NCEShape, device: torch.device, mode: Mode,
+                                 gen: torch.Generator) -> Verdict:
+    """Two runs on the same inputs give the same bits (on the CPU: 1 thread, then all)."""
+    q, keys, targets = make_nce_inputs(shape, gen)
+    g = torch.rand(shape.n, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        first = run_info_nce(q, keys, targets, g, shape, device, mode)
+    finally:
+        torch.set_num_threads(threads)
+    second = run_info_nce(q, keys, targets, g, shape, device, mode)
+    v = Verdict()
+    for name, a, b in zip(("losses", "dq", "dk", "correct"), first, second):
+        v.equal(name, b.double(), a.double())
+    return v
+
+
+def info_nce_cases(device: torch.device, quick: bool) -> list[Case]:
+    dev, cases = str(device), []
+
+    def add(name: str, run: Callable[[torch.Generator], Verdict]) -> None:
+        cases.append(Case(dev, "info_nce", name, run))
+
+    shapes = [NCEShape(6, 9, 13), NCEShape(1, 1, 8), NCEShape(64, 1, 32, simclr=True),
+              NCEShape(40, 3000, 16), NCEShape(300, 320, 24, exclude_self=True),
+              NCEShape(20, 50, 300), NCEShape(30, 200, 16, duplicates=True),
+              NCEShape(32, 256, 64, scale=4.0)]
+    if not quick:
+        shapes += [NCEShape(2048, 1, 128, simclr=True), NCEShape(256, 65536, 128)]
+    for shape in shapes:
+        label = f"{shape}{' peaked' if shape.scale > 1 else ''}" + \
+            (" same target" if shape.duplicates else "")
+        for mode in proto_nce_modes(device):
+            if (shape.n * max(shape.k, shape.n) > 10**7 and device.type == "cpu"
+                    and mode.dtype != torch.float32):
+                continue  # large shapes: float32 only on the CPU (the float64 reference)
+            add(f"{label} {mode.name}",
+                lambda g, shape=shape, mode=mode: check_info_nce(shape, device, mode, g))
+    if device.type == "cuda":
+        cases.append(Case(dev, "info_nce", "float64", None, "the CUDA kernel takes float32, "
+                          "float16 and bfloat16"))
+    for mode in proto_nce_modes(device):
+        add(f"same bits twice: SimCLR 2N=600 D=64 {mode.name}",
+            lambda g, mode=mode: check_info_nce_deterministic(
+                NCEShape(600, 1, 64, simclr=True), device, mode, g))
+    return cases
+
+
 # ------------------------------------------------------------------------ momentum_update_
 SHAPES_MOMENTUM = [(7, 3), (5,), (4, 3, 2, 2), (1,), (33, 17)]
 
@@ -751,7 +905,8 @@ def sample_negatives_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-OPS = {"proto_nce": proto_nce_cases, "momentum_update_": momentum_cases,
+OPS = {"proto_nce": proto_nce_cases, "info_nce": info_nce_cases,
+       "momentum_update_": momentum_cases,
        "ring_enqueue_": ring_cases, "concentration": concentration_cases,
        "sample_negatives": sample_negatives_cases}
 
@@ -795,6 +950,20 @@ def bench_lines(device: torch.device, gen: torch.Generator) -> Iterator[str]:
         yield _ratio("proto_nce", "sampled M=3 PCL-size float32, forward+backward",
                      median_seconds(step(pcl_ext.proto_nce), device),
                      median_seconds(step(reference.proto_nce), device))
+
+    z = F.normalize(torch.randn(2048, 128, generator=gen), dim=1).to(device).requires_grad_()
+    views = ((torch.arange(2048) + 1024) % 2048).to(device)
+
+    def nt_xent(loss_fn: Callable[..., Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            z.grad = None
+            loss_fn(z, z, views, temperature=0.5, exclude_self=True).backward()
+        return run
+
+    with float32_matmul(False):
+        yield _ratio("info_nce", "SimCLR batch 1024 (2N=2048) D=128 float32, fwd+bwd",
+                     median_seconds(nt_xent(pcl_ext.info_nce), device),
+                     median_seconds(nt_xent(reference.info_nce), device))
 
     keys = [torch.randn(64, 1024, generator=gen).to(device) for _ in range(160)]  # 10.5M
     queries = [torch.randn(64, 1024, generator=gen).to(device) for _ in range(160)]

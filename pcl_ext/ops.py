@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["proto_nce", "proto_nce_with_accuracy", "momentum_update_", "ring_enqueue_",
-           "concentration", "sample_negatives"]
+__all__ = ["proto_nce", "proto_nce_with_accuracy", "info_nce", "info_nce_with_accuracy",
+           "momentum_update_", "ring_enqueue_", "concentration", "sample_negatives"]
 
 # One section per op: the typed wrapper, its value checks, the fake kernel (and autograd).
 
@@ -204,6 +204,166 @@ def _proto_nce_backward(ctx, grad_loss, _grad_dq, _grad_dk, _grad_correct):
 
 torch.library.register_autograd("pcl_ext::proto_nce", _proto_nce_backward,
                                 setup_context=_proto_nce_setup_context)
+
+
+# -------------------------------------------------------------------------------- info_nce
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def info_nce(queries: Tensor, keys: Tensor, targets: Optional[Tensor] = None, *,
+             temperature: float, exclude_self: bool = False, reduction: str = "mean",
+             check_values: bool = True) -> Tensor:
+    r"""Fused InfoNCE (softmax cross-entropy over every key), forward and backward: the loss of
+    SimCLR (NT-Xent), MoCo v3, CLIP and CPC.
+
+    .. math::
+        \ell_i = \operatorname{lse}_{j \in C_i} s_{ij} - s_{i,t_i},\qquad
+        s_{ij} = \frac{q_i\cdot k_j}{T},\qquad
+        C_i = \{0..K-1\} \setminus (\{i\} \text{ if exclude\_self})
+
+    reduced over the rows by ``reduction`` (``"mean"``: :math:`\frac1N\sum_i \ell_i`, as
+    ``F.cross_entropy``; ``"sum"``; ``"none"``: the ``[N]`` losses). The gradients are
+
+    .. math::
+        \frac{\partial \ell_i}{\partial q_i} = \frac1T\Big(\sum_j P_{ij} k_j - k_{t_i}\Big),
+        \qquad
+        \frac{\partial L}{\partial k_j} = \frac1T \sum_i g_i\,(P_{ij} - [j = t_i])\,q_i,
+
+    :math:`P_{ij} = e^{s_{ij} - \operatorname{lse}_i}` (0 for an excluded column), :math:`g_i`
+    the incoming gradient of :math:`\ell_i`. No ``N x K`` logits are materialized: the keys
+    are streamed in tiles once in the forward pass, which also accumulates the query gradient,
+    and once more in the backward pass for the key gradient (FlashAttention's scheme, four
+    ``N x K x D`` products where eager autograd does three); the memory is ``O(N D)``.
+
+    Args:
+        queries: ``[N, D]``, differentiable (or not).
+        keys: ``[K, D]``, the same dtype and device, differentiable (or not); may be
+            ``queries`` itself (SimCLR: the ``2N`` embeddings of both views, with
+            ``exclude_self=True``), in which case autograd adds the two gradients.
+        targets: ``[N]`` int64 column of each row's positive key, in ``[0, K)``; ``None``:
+            ``arange(N)`` (key ``i`` is row ``i``'s positive, MoCo v3 / CLIP).
+        temperature: ``T > 0``.
+        exclude_self: leave column ``i`` out of row ``i``'s softmax (needs ``N <= K`` and
+            ``targets[i] != i``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        check_values: verify the targets (range, and ``targets[i] != i`` under
+            ``exclude_self``). The CPU kernel always does; on CUDA this costs one host
+            synchronization and is skipped during CUDA-graph capture and ``torch.compile``
+            tracing.
+
+    Dtypes: CPU float32/float64 (half precision is computed in float32); CUDA float32 (TF32
+    tensor cores only when ``torch.get_float32_matmul_precision()`` allows), float16, bfloat16
+    with float32 accumulation. The result has ``queries``' dtype. Deterministic on the CPU
+    (independent of the thread count). First-order gradients only.
+    """
+    return info_nce_with_accuracy(queries, keys, targets, temperature=temperature,
+                                  exclude_self=exclude_self, reduction=reduction,
+                                  check_values=check_values)[0]
+
+
+def info_nce_with_accuracy(queries: Tensor, keys: Tensor, targets: Optional[Tensor] = None, *,
+                           temperature: float, exclude_self: bool = False,
+                           reduction: str = "mean",
+                           check_values: bool = True) -> tuple[Tensor, Tensor]:
+    """:func:`info_nce` and, from the same pass, ``correct`` [N] (bool): whether row ``i``'s
+    target logit is its largest (top-1 accuracy), ties counted as correct by
+    :func:`proto_nce_with_accuracy`'s rule."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"info_nce: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    on_cpu = queries.device.type == "cpu"
+    _check_dtype("info_nce", "queries", queries, _FLOATING if on_cpu else _CUDA_FLOATING)
+    _check_dtype("info_nce", "keys", keys, (queries.dtype,), like="queries")
+    if targets is None:
+        targets = torch.arange(queries.shape[0] if queries.dim() > 0 else 0,
+                               device=queries.device)
+    _check_dtype("info_nce", "targets", targets, _LONG)
+    if on_cpu and queries.dtype in (torch.float16, torch.bfloat16):
+        q32 = queries.float()  # one cast for queries-is-keys: one float32 gradient, rounded once
+        loss, correct = info_nce_with_accuracy(
+            q32, q32 if keys is queries else keys.float(), targets, temperature=temperature,
+            exclude_self=exclude_self, reduction=reduction)
+        return loss.to(queries.dtype), correct
+    if check_values and not on_cpu and not _tracing():
+        _check_targets(targets, keys, exclude_self)
+    allow_tf32 = queries.device.type == "cuda" and queries.dtype == torch.float32 and \
+        _cuda_allows_tf32()
+    grad_q = torch.is_grad_enabled() and queries.requires_grad
+    losses, _, _, correct = torch.ops.pcl_ext.info_nce.default(
+        queries, keys, targets, float(temperature), bool(exclude_self), grad_q,
+        allow_tf32=allow_tf32)
+    if reduction == "mean":
+        losses = losses.mean()
+    elif reduction == "sum":
+        losses = losses.sum()
+    return losses.to(queries.dtype), correct
+
+
+def _check_targets(targets: Tensor, keys: Tensor, exclude_self: bool) -> None:
+    """The CUDA value checks of info_nce's targets, in one host synchronization."""
+    if (targets.dim() != 1 or targets.numel() == 0 or keys.dim() != 2
+            or targets.device != keys.device):
+        return  # a structural error that the op names
+    flags = [_ids_in_range(targets, keys.shape[0])]
+    if exclude_self:
+        flags.append((targets != torch.arange(len(targets), device=targets.device)).all())
+    ok = torch.stack(flags).tolist()
+    if not ok[0]:
+        raise IndexError(f"info_nce: `targets` holds columns outside [0, {keys.shape[0]}) "
+                         "(the rows of `keys`)")
+    if not all(ok):
+        raise ValueError("info_nce: `targets[i]` is i for some row i, its own column, which "
+                         "`exclude_self` removes")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pcl_ext::info_nce")
+def _info_nce_fake(queries, keys, targets, temperature, exclude_self, compute_grad_queries, *,
+                   allow_tf32=False):
+    n, acc = queries.shape[0], _acc_dtype(queries.dtype)
+    return (queries.new_empty((n,), dtype=acc), queries.new_empty((n,), dtype=acc),
+            queries.new_empty(queries.shape if compute_grad_queries else (0,)),
+            queries.new_empty((n,), dtype=torch.bool))
+
+
+@torch.library.register_fake("pcl_ext::info_nce_backward")
+def _info_nce_backward_fake(grad_losses, queries, keys, targets, lse, temperature, exclude_self,
+                            *, allow_tf32=False):
+    return keys.new_empty(keys.shape)
+
+
+def _info_nce_setup_context(ctx, inputs, keyword_only_inputs, output):
+    queries, keys, targets, temperature, exclude_self, compute_grad_queries = inputs
+    _, lse, dq, correct = output
+    ctx.mark_non_differentiable(lse, dq, correct)
+    ctx.save_for_backward(queries, keys, targets, lse, dq)
+    ctx.temperature, ctx.exclude_self = temperature, exclude_self
+    ctx.compute_grad_queries = compute_grad_queries
+    ctx.allow_tf32 = keyword_only_inputs.get("allow_tf32", False)
+
+
+def _info_nce_backward(ctx, grad_losses, _grad_lse, _grad_dq, _grad_correct):
+    if torch.is_grad_enabled():
+        raise RuntimeError("info_nce: double backward (create_graph=True) is not supported; "
+                           "the kernels compute first-order gradients only")
+    queries, keys, targets, lse, dq = ctx.saved_tensors
+    grad_q = grad_k = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.compute_grad_queries:
+            raise RuntimeError("info_nce: the gradient of `queries` was not accumulated "
+                               "(the op ran with compute_grad_queries=False)")
+        grad_q = (grad_losses[:, None] * dq).to(queries.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_k = torch.ops.pcl_ext.info_nce_backward.default(
+            grad_losses, queries, keys, targets, lse, ctx.temperature, ctx.exclude_self,
+            allow_tf32=ctx.allow_tf32)
+    return grad_q, grad_k, None, None, None, None
+
+
+torch.library.register_autograd("pcl_ext::info_nce", _info_nce_backward,
+                                setup_context=_info_nce_setup_context)
 
 
 # ------------------------------------------------------------------------ momentum_update_

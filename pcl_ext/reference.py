@@ -1,5 +1,5 @@
-"""PCL's and MoCo's original code, short and obviously right: the test oracle and the
-benchmark baseline.
+"""PCL's and MoCo's original code (and the InfoNCE of SimCLR, MoCo v3, CLIP), short and
+obviously right: the test oracle and the benchmark baseline.
 
 Each function transcribes the original as literally as it runs today (salesforce/PCL
 ``pcl/builder.py`` and ``main_pcl.py``, facebookresearch/moco ``moco/builder.py``), slow
@@ -46,6 +46,21 @@ def proto_nce(q: Tensor, k: Tensor, queue: Tensor, prototypes: Sequence[Tensor],
             target = torch.arange(n, device=q.device)
         proto_loss = proto_loss + F.cross_entropy(logits, target)
     return loss + proto_loss / len(prototypes)
+
+
+def info_nce(queries: Tensor, keys: Tensor, targets: Optional[Tensor] = None,
+             temperature: float = 0.1, exclude_self: bool = False,
+             reduction: str = "mean") -> Tensor:
+    """InfoNCE as SimCLR, MoCo v3 and CLIP write it: every logit, the self column masked,
+    one cross-entropy. ``targets=None``: key ``i`` is row ``i``'s positive."""
+    n = queries.shape[0]
+    if targets is None:
+        targets = torch.arange(n, device=queries.device)
+    logits = queries @ keys.t() / temperature                 # NxK
+    if exclude_self:
+        self_mask = torch.eye(n, keys.shape[0], dtype=torch.bool, device=queries.device)
+        logits = logits.masked_fill(self_mask, -torch.inf)
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def pcl_concentration(sq_dist: np.ndarray, im2cluster: np.ndarray, k: int,

@@ -1,4 +1,6 @@
 // Fused ProtoNCE on the CPU: one pass over the columns computes the loss and dL/dq, dL/dk.
+// The streaming softmax itself (tiles, online max/sum/accumulator, chunk merge) is shared with
+// info_nce in stream_softmax.h.
 //
 // Every term of the loss is a softmax cross-entropy of q_i against a set of columns x_j with a
 // per-column scale s_j (1/T for the queue, 1/phi for prototypes). The columns are split into a
@@ -8,9 +10,9 @@
 // and keeps (m, l, acc) per row. Chunks merge in a fixed order. Nothing N x K is allocated:
 // the extra memory is O(chunks * N * D + threads * tile * (N + D)).
 #include "../proto_nce.h"
+#include "stream_softmax.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,83 +21,6 @@
 
 namespace pcl_ext {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// The row loops below are where the exps are: compile them for AVX-512 and AVX2 as well,
-// chosen at load time, so a portable build still runs at the machine's vector width.
-#define PCL_EXT_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PCL_EXT_VECTOR_CLONES
-#endif
-
-// exp(x) for x <= 0-ish softmax arguments, branch-free so that the compiler vectorizes it:
-// 2^n * p(r) with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-6 minimax polynomial
-// (relative error < 2e-7). Arguments below -87 give ~1e-38 instead of 0; NaN stays NaN.
-inline float exp_f32(float x) {
-  x = x < -87.0f ? -87.0f : x;  // NaN passes through both
-  x = x > 88.0f ? 88.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
-}
-
-// s[j] *= scale[j]; returns max_j s[j].
-PCL_EXT_VECTOR_CLONES float scale_max_f32(float* __restrict s, const float* __restrict scale,
-                                           int64_t n) {
-  float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = s[j] * scale[j];
-    s[j] = v;
-    mx = v > mx ? v : mx;  // not std::max: GCC vectorizes the plain select, not the reference
-  }
-  return mx;
-}
-
-// s[j] <- exp(s[j] - shift) * scale[j]; returns sum_j exp(s[j] - shift).
-PCL_EXT_VECTOR_CLONES float exp_sum_f32(float* __restrict s, const float* __restrict scale,
-                                         int64_t n, float shift) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_f32(s[j] - shift);
-    sum += e;
-    s[j] = e * scale[j];
-  }
-  return sum;
-}
-
-// float64 is the gradcheck path: plain loops, libm exp.
-double scale_max(double* s, const double* scale, int64_t n) {
-  double mx = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] *= scale[j];
-    mx = std::max(mx, s[j]);
-  }
-  return mx;
-}
-double exp_sum(double* s, const double* scale, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double e = std::exp(s[j] - shift);
-    sum += e;
-    s[j] = e * scale[j];
-  }
-  return sum;
-}
-float scale_max(float* s, const float* scale, int64_t n) { return scale_max_f32(s, scale, n); }
-float exp_sum(float* s, const float* scale, int64_t n, float shift) {
-  return exp_sum_f32(s, scale, n, shift);
-}
 
 // One softmax term: columns x_j = src[ids[j]] (or src[j] without ids), scales 1/phi[row] or
 // inv_t. The target of row i is k_i * inv_t (instance term, an extra per-row column) or
@@ -176,17 +101,18 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
   }
 
   // Tiles keep the N x tile logit block in L2; chunks are a fixed split of the columns.
-  const int64_t tile = std::clamp<int64_t>((int64_t{1} << 17) / n / 16 * 16, 64, 1024);
+  const int64_t tile = stream::tile_columns(n);
   int64_t total = 0;
   for (const auto& t : terms) total += t.ncols;
-  constexpr int64_t kTargetChunks = 16;
-  const int64_t chunk_cols =
-      std::max<int64_t>(tile, ((total + kTargetChunks - 1) / kTargetChunks + tile - 1) / tile * tile);
+  const int64_t chunk_cols = stream::chunk_columns(total, tile, 16);
   std::vector<Chunk> chunks;
+  std::vector<int64_t> first(terms.size()), count(terms.size());  // each term's chunks
   for (size_t ti = 0; ti < terms.size(); ++ti) {
+    first[ti] = static_cast<int64_t>(chunks.size());
     for (int64_t c = 0; c < terms[ti].ncols; c += chunk_cols) {
       chunks.push_back({ti, c, std::min(terms[ti].ncols, c + chunk_cols)});
     }
+    count[ti] = static_cast<int64_t>(chunks.size()) - first[ti];
   }
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   const Tensor acc_all = torch::stable::new_zeros(q, {nchunks, n, d});
@@ -198,6 +124,7 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
   // tensor (which may require grad). Their scratch comes from torch's allocator, like the
   // rest of the op's memory.
   T* const acc_base = acc_all.mutable_data_ptr<T>();
+  const T* const q_data = q.const_data_ptr<T>();
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
   torch::stable::parallel_for(0, nchunks, 1, [&](int64_t first, int64_t last) {
     const Tensor scratch = torch::stable::empty({n * tile + tile * d}, q.scalar_type(),
@@ -210,7 +137,6 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
       const Term<T>& t = terms[ch.term];
       const T* src = t.src.template const_data_ptr<T>();
       T* acc_p = acc_base + ci * n * d;
-      const Tensor acc = cpu_matrix(acc_p, n, d, d, 1);
       T* m_p = row_max.data() + ci * n;
       T* l_p = row_sum.data() + ci * n;
       for (int64_t c0 = ch.begin; c0 < ch.end; c0 += tile) {
@@ -226,24 +152,11 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
           const int64_t row = t.ids != nullptr ? t.ids[c0 + j] : c0 + j;
           scale[j] = t.phi != nullptr ? T(1) / t.phi[row] : t.inv_t;
         }
-        const Tensor s = cpu_matrix(logits, n, tc, tc, 1);
-        mm_out(s, q, cpu_matrix(x_p, d, tc, 1, d));  // S = q X^T
-        T* s_p = logits;
-        bool rescale = false;
-        for (int64_t i = 0; i < n; ++i) {
-          T* row = s_p + i * tc;
-          const T mx = std::max(m_p[i], scale_max(row, scale.data(), tc));
-          alpha[i] = std::exp(m_p[i] - mx);  // 0 on the first tile (m = -inf)
-          rescale |= alpha[i] != T(1);
-          l_p[i] = l_p[i] * alpha[i] + exp_sum(row, scale.data(), tc, mx);
-          m_p[i] = mx;
-        }
-        if (rescale) {
-          for (int64_t i = 0; i < n; ++i) {
-            for (int64_t c = 0; c < d; ++c) acc_p[i * d + c] *= alpha[i];
-          }
-        }
-        addmm_(acc, s, cpu_matrix(x_p, tc, d, d, 1));  // acc += P X
+        const stream::Mat<T> x{x_p, d, 1};
+        stream::gemm(logits, tc, stream::Mat<T>{q_data, d, 1}, x.transposed(), n, tc, d,
+                     false);  // S = q X^T
+        stream::softmax_tile(logits, n, tc, scale.data(), m_p, l_p, acc_p, d, alpha.data());
+        stream::gemm(acc_p, d, stream::Mat<T>{logits, tc, 1}, x, n, d, tc, true);  // acc += P X
       }
     }
   });
@@ -287,22 +200,17 @@ ProtoNCEOut proto_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Ten
         tbound += std::abs(v);
       }
       T col_max = -std::numeric_limits<T>::infinity();
-      for (int64_t ci = 0; ci < nchunks; ++ci) {
-        if (chunks[ci].term == ti) col_max = std::max(col_max, row_max[ci * n + i]);
+      for (int64_t ci = first[ti]; ci < first[ti] + count[ti]; ++ci) {
+        col_max = std::max(col_max, row_max[ci * n + i]);
       }
       // A prototype term's col_max also holds the target's tiled logit, within tol of tlogit:
       // the comparison is with the other columns, as on CUDA, which leaves the target out.
       correct_p[ti * n + i] = tlogit >= col_max - tol * tbound;
       const T mx = t.assign == nullptr ? std::max(tlogit, col_max) : col_max;
-      T sum = 0;
-      std::fill(expect.begin(), expect.end(), T(0));
-      for (int64_t ci = 0; ci < nchunks; ++ci) {
-        if (chunks[ci].term != ti) continue;
-        const T f = std::exp(row_max[ci * n + i] - mx);
-        sum += row_sum[ci * n + i] * f;
-        const T* a = acc_p + (ci * n + i) * d;
-        for (int64_t c = 0; c < d; ++c) expect[c] += a[c] * f;
-      }
+      T sum = stream::merge_chunks(row_max.data() + first[ti] * n + i,
+                                   row_sum.data() + first[ti] * n + i, n,
+                                   acc_p + (first[ti] * n + i) * d, n * d, count[ti], d, mx,
+                                   expect.data());
       T p_pos = 0;
       if (t.assign == nullptr) {  // the positive key is a column of row i only
         const T f = std::exp(tlogit - mx);
