@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._info_nce_standin import info_nce  # TEMPORARY: `from .ops import info_nce` once merged
 from .distributed import all_gather_with_grad, rank_and_world
 from .loss import _finite
+from .ops import info_nce, info_nce_with_accuracy
 
-__all__ = ["NTXentLoss", "SymmetricInfoNCELoss", "cpc_info_nce", "top1_accuracy"]
+__all__ = ["NTXentLoss", "SymmetricInfoNCELoss", "cpc_info_nce"]
 
 
 def _pair(owner: str, names: tuple[str, str], a: Tensor, b: Tensor) -> None:
@@ -44,24 +44,6 @@ def _columns(keys: Tensor, gather: bool) -> tuple[Tensor, int]:
     return all_gather_with_grad(keys), rank * keys.shape[0]
 
 
-@torch.no_grad()
-def top1_accuracy(queries: Tensor, keys: Tensor, targets: Tensor, *,
-                  exclude_self: bool = False, block_elems: int = 1 << 24) -> Tensor:
-    """Top-1 accuracy (percent, a 0-dim tensor on the device, no host synchronization) of the
-    rows' similarities to the columns: the share of rows whose target column scores highest
-    (ties: the first column, as ``topk``). With ``exclude_self`` row ``i`` skips column ``i``.
-    Rows are scored in blocks of about ``block_elems`` similarities, so memory stays bounded."""
-    rows = max(1, block_elems // max(keys.shape[0], 1))
-    correct = queries.new_zeros((), dtype=torch.long)
-    for start in range(0, queries.shape[0], rows):
-        s = queries[start:start + rows] @ keys.t()                     # b x K
-        if exclude_self:
-            ids = torch.arange(start, start + s.shape[0], device=s.device)
-            s[torch.arange(s.shape[0], device=s.device), ids] = -math.inf
-        correct += (s.argmax(1) == targets[start:start + rows]).sum()
-    return correct.double() * 100 / queries.shape[0]
-
-
 class NTXentLoss(nn.Module):
     r"""SimCLR's NT-Xent (Chen et al., ICML 2020) on two views of a batch.
 
@@ -80,18 +62,18 @@ class NTXentLoss(nn.Module):
         gather: under ``torch.distributed``, every rank's ``2N`` rows are columns of each
             rank's loss (SimCLR's global negatives: ``2 N W - 2`` per row); equal to one process
             on the concatenated batch, gradients included (:mod:`pcl_ext.distributed`).
-        accuracy: after each call ``acc_inst`` holds the top-1 accuracy (percent, 0-dim
-            tensor) of the positive among the same columns: one more ``2N x K`` product, no
-            gradient.
 
     ``forward(z1, z2)``: ``[N, D]`` embeddings of the two views; returns the scalar ``L``.
+    After each call ``acc_inst`` holds the top-1 accuracy (percent, a 0-dim tensor, no host
+    synchronization) of the rows' positives among the same columns, from the same pass (a
+    positive tied for the largest logit counts as found).
     """
 
-    def __init__(self, temperature: float = 0.5, normalize: bool = True, gather: bool = False,
-                 accuracy: bool = False) -> None:
+    def __init__(self, temperature: float = 0.5, normalize: bool = True,
+                 gather: bool = False) -> None:
         super().__init__()
         self.temperature = _finite("temperature", temperature, zero_ok=False, owner="NTXentLoss")
-        self.normalize, self.gather, self.accuracy = normalize, gather, accuracy
+        self.normalize, self.gather = normalize, gather
         self.acc_inst: Optional[Tensor] = None
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
@@ -105,10 +87,11 @@ class NTXentLoss(nn.Module):
         # columns does not change the loss.
         keys = torch.cat([keys[offset:], keys[:offset]]) if offset else keys
         targets = torch.arange(2 * n, device=z.device).roll(n)             # i <-> i + N
-        if self.accuracy:
-            self.acc_inst = top1_accuracy(z.detach(), keys.detach(), targets, exclude_self=True)
-        return info_nce(z, keys, targets, temperature=self.temperature, exclude_self=True,
-                        check_values=False)  # valid by construction: no host sync on CUDA
+        loss, correct = info_nce_with_accuracy(  # valid targets: no check (a sync on CUDA)
+            z, keys, targets, temperature=self.temperature, exclude_self=True,
+            check_values=False)
+        self.acc_inst = correct.float().mean() * 100
+        return loss
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, normalize={self.normalize}, "

@@ -479,8 +479,7 @@ def train(args: argparse.Namespace) -> dict:
     model_q = initial_encoder(vars(args), info).to(env.device)  # what evaluate's baseline is
     if args.method == "simclr":  # every rank's embeddings are negatives of every row
         model_k, queue = None, None
-        criterion = NTXentLoss(args.temperature, normalize=False, gather=env.enabled,
-                               accuracy=True)
+        criterion = NTXentLoss(args.temperature, normalize=False, gather=env.enabled)
     else:
         model_k = copy.deepcopy(model_q).requires_grad_(False)
         queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
