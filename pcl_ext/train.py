@@ -527,9 +527,12 @@ def train(args: argparse.Namespace) -> dict:
                         num_workers=args.workers, drop_last=True,
                         pin_memory=env.device.type == "cuda")
     if env.master:
+        losses = (f"T={args.temperature}" if args.method == "simclr" else
+                  f"clusters {args.num_cluster or 'none (MoCo)'}, "
+                  f"r={'all' if args.pcl_r is None else args.pcl_r}")
         print(f"{METHOD_NAMES[args.method]} on {args.dataset} ({len(train_set)} images), "
-              f"{args.arch}, {env.world} x {env.device}, clusters {args.num_cluster or 'none'}, "
-              f"r={'all' if args.pcl_r is None else args.pcl_r}, epochs {start_epoch}..{args.epochs}")
+              f"{args.arch}, {env.world} x {env.device}, {losses}, "
+              f"epochs {start_epoch}..{args.epochs}")
 
     for epoch in range(start_epoch, args.epochs):
         # The sampler's order depends on the epoch only, so a resumed epoch replays exactly.
