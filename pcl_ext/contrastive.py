@@ -128,7 +128,9 @@ class SymmetricInfoNCELoss(nn.Module):
         normalize: L2-normalize rows and columns first.
         scale_by_2t: multiply by ``2T`` (MoCo v3's ``ctr``; not with a learnable ``T``).
         gather: under ``torch.distributed``, the columns are every rank's (targets offset by
-            rank x local batch): one process's loss on the concatenated batch.
+            rank x local batch): one process's loss on the concatenated batch. A learnable
+            ``logit_scale`` is then a replicated parameter: put the loss inside the module DDP
+            wraps, or all-reduce its gradient as DDP does the others'.
     """
 
     def __init__(self, temperature: float = 0.2, learnable_temperature: bool = False,
