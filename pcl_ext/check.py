@@ -602,14 +602,14 @@ def check_info_nce(shape: NCEShape, device: torch.device, mode: Mode,
         rel = torch.exp(2 * e) * 3 * e + sums(kk) + mode.u_p + 2 * mode.u_in  # N x 1
         k_t = ka[targets].abs() / TEMPERATURE
         spread_q = p @ ka.abs() / TEMPERATURE  # sum_j p_ij |k_j| / T: N x D
+        s_t = logits.gather(1, targets[:, None])[:, 0]
         loss_tol = (2 * e[:, 0] + sums(kk) + rounding(mode.dtype, ref.detach())
-                    + sums(1) * (ref.detach().abs() + logits.gather(1, targets[:, None])[:, 0].abs()))
+                    + sums(1) * (ref.detach().abs() + s_t.abs()))
         dq_tol = g[:, None] * (rel * spread_q + (sums(1) + 2 * mode.u_in) * k_t)
         onehot = torch.zeros_like(p).scatter_(1, targets[:, None], 1.0)
         weight = g[:, None] * (rel * p + sums(n) * (p + onehot))  # N x K
         dk_tol = weight.t() @ qa.abs() / TEMPERATURE
         # correct: ties (within 16 eps D max(1, |s_max|)) and both logits' bounds are free.
-        s_t = logits.gather(1, targets[:, None])[:, 0]
         s_max = logits.max(dim=1).values
         slack = 16 * mode.eps_tie * d * s_max.abs().clamp(min=1) + 2 * e[:, 0]
     v = Verdict()

@@ -63,8 +63,10 @@ InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tenso
   const int64_t nchunks = (kk + chunk_cols - 1) / chunk_cols;
   std::vector<T> row_max(nchunks * n, -std::numeric_limits<T>::infinity());
   std::vector<T> row_sum(nchunks * n, T(0));
-  const Tensor acc_all =
-      grad_q ? torch::stable::new_zeros(q, {nchunks, n, d}) : torch::stable::new_empty(q, {0});
+  // One chunk (the SimCLR case: row blocks give the parallelism) accumulates in dq itself.
+  const Tensor acc_all = !grad_q       ? torch::stable::new_empty(q, {0})
+                         : nchunks > 1 ? torch::stable::new_zeros(q, {nchunks, n, d})
+                                       : torch::stable::new_zeros(q, {n, d});
   T* const acc_base = grad_q ? acc_all.mutable_data_ptr<T>() : nullptr;
 
   torch::stable::parallel_for(0, row_blocks * nchunks, 1, [&](int64_t first, int64_t last) {
@@ -96,7 +98,7 @@ InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tenso
 
   // Per row: merge the chunks, then loss = lse - s_t, dL/dq = sum_j P_j k_j / T - k_t / T.
   const Tensor losses = torch::stable::new_empty(q, {n}), lse = torch::stable::new_empty(q, {n});
-  const Tensor dq = grad_q ? torch::stable::new_empty(q, {n, d}) : torch::stable::new_empty(q, {0});
+  const Tensor dq = grad_q && nchunks > 1 ? torch::stable::new_empty(q, {n, d}) : acc_all;
   const Tensor correct = torch::stable::new_empty(q, {n}, ScalarType::Bool);
   T* loss_p = losses.mutable_data_ptr<T>();
   T* lse_p = lse.mutable_data_ptr<T>();
@@ -105,7 +107,7 @@ InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tenso
   // proto_nce's tie rule: the tiles' logits come from a GEMM, the target's from a dot product.
   const T tol = static_cast<T>(hit_tolerance(0.0, std::numeric_limits<T>::epsilon() / 2, d));
   torch::stable::parallel_for(0, n, 64, [&](int64_t first, int64_t last) {
-    std::vector<T> expect(grad_q ? d : 0);
+    std::vector<T> expect(grad_q && nchunks > 1 ? d : 0);
     for (int64_t i = first; i < last; ++i) {
       const T* qi = q_p + i * d;
       const T* kt = k_p + tg[i] * d;
@@ -118,13 +120,17 @@ InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tenso
       T mx = -std::numeric_limits<T>::infinity();
       for (int64_t ci = 0; ci < nchunks; ++ci) mx = std::max(mx, row_max[ci * n + i]);
       correct_p[i] = tlogit >= mx - tol * tbound;  // mx includes the target's tiled logit
-      const T sum = stream::merge_chunks(row_max.data() + i, row_sum.data() + i, n,
-                                         grad_q ? acc_base + i * d : nullptr, n * d, nchunks, d,
-                                         mx, expect.data());
+      T sum = row_sum[i];  // one chunk: its m is mx, so (l, acc) need no rescaling
+      const T* ex = grad_q ? acc_base + i * d : nullptr;
+      if (nchunks > 1) {
+        sum = stream::merge_chunks(row_max.data() + i, row_sum.data() + i, n, ex, n * d,
+                                   nchunks, d, mx, expect.data());
+        ex = expect.data();
+      }
       lse_p[i] = mx + std::log(sum);
       loss_p[i] = lse_p[i] - tlogit;
       if (grad_q) {
-        for (int64_t c = 0; c < d; ++c) dq_p[i * d + c] = expect[c] / sum - kt[c] * inv_t;
+        for (int64_t c = 0; c < d; ++c) dq_p[i * d + c] = ex[c] / sum - kt[c] * inv_t;
       }
     }
   });
