@@ -20,7 +20,8 @@ from .ops import (concentration, info_nce, info_nce_with_accuracy, momentum_upda
 from .cluster import ClusterResult, cluster  # noqa: E402
 from .queue import RingQueue  # noqa: E402
 from .loss import ProtoNCELoss  # noqa: E402
+from .contrastive import NTXentLoss, SymmetricInfoNCELoss, cpc_info_nce  # noqa: E402
 
-__all__ = ["ClusterResult", "ProtoNCELoss", "RingQueue", "cluster", "concentration", "info_nce",
-           "info_nce_with_accuracy", "momentum_update_", "proto_nce", "reference",
-           "sample_negatives"]
+__all__ = ["ClusterResult", "NTXentLoss", "ProtoNCELoss", "RingQueue", "SymmetricInfoNCELoss",
+           "cluster", "concentration", "cpc_info_nce", "info_nce", "info_nce_with_accuracy",
+           "momentum_update_", "proto_nce", "reference", "sample_negatives"]

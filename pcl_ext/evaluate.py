@@ -280,7 +280,9 @@ def evaluate_checkpoint(paths: Union[str, Path, Sequence[Union[str, Path]]],
         encoders = {"random init" + suffix: initial_encoder(first, info)}
         for i in members:
             args = ckpts[i]["args"]
-            name = f"{'PCL' if args['num_cluster'] else 'MoCo'}, epoch {ckpts[i]['epoch']}"
+            method = "SimCLR" if args.get("method") == "simclr" else \
+                "PCL" if args["num_cluster"] else "MoCo"  # runs before --method: no key
+            name = f"{method}, epoch {ckpts[i]['epoch']}"
             if len(paths) > 1:
                 name += f" ({paths[i].parent.name or paths[i].name})"
             encoder = initial_encoder(args, info)

@@ -48,14 +48,15 @@ def _cluster_lists(cluster_result: Any) -> tuple[Sequence[Tensor], Sequence[Tens
                         "with im2cluster, centroids and density lists") from None
 
 
-def _finite(name: str, value: float, *, zero_ok: bool) -> float:
-    """A finite ``value`` that is >= 0 (``zero_ok``) or > 0, as a float."""
+def _finite(name: str, value: float, *, zero_ok: bool, owner: str = "ProtoNCELoss") -> float:
+    """A finite ``value`` that is >= 0 (``zero_ok``) or > 0, as a float; errors name
+    ``owner`` and the argument ``name``."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"ProtoNCELoss: `{name}` must be a number, got {value!r}") from None
+        raise TypeError(f"{owner}: `{name}` must be a number, got {value!r}") from None
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"ProtoNCELoss: `{name}` must be finite and "
+        raise ValueError(f"{owner}: `{name}` must be finite and "
                          f"{'>= 0' if zero_ok else '> 0'}, got {value}")
     return value
 

@@ -1,15 +1,21 @@
 """PCL's EM loop: MoCo v2 warm-up, then at every epoch cluster the momentum features and train
-with ProtoNCE. One process (CPU or GPU) or many with torchrun:
+with ProtoNCE; or the baselines MoCo v2 and SimCLR. One process (CPU or GPU) or many with
+torchrun:
 
     python -m pcl_ext.train                                   # the digits demo, CPU, minutes
     python -m pcl_ext.train --dataset fashion-mnist --out runs/fmnist
     torchrun --nproc_per_node 2 -m pcl_ext.train --out runs/ddp   # DDP (NCCL on GPUs, else gloo)
     python -m pcl_ext.train --out runs/fmnist --resume        # continue a killed run
+    python -m pcl_ext.train --method simclr --out runs/simclr # SimCLR (or --method moco)
 
 Hyper-parameters default to PCL's (``main_pcl.py``); a data set's preset replaces those that
 cannot apply to it (PCL's 25k-100k clusters on 1,437 digits), and the command line overrides
-both. ``--num-cluster ''`` is the pure-MoCo ablation. Every epoch ends with an atomic checkpoint
-(model, momentum encoder, optimizer, queue, RNG states, last clustering) in ``--out``; a killed
+both. ``--method moco`` (or ``--num-cluster ''``) is the pure-MoCo ablation; ``--method simclr``
+trains SimCLR: no momentum encoder and no queue, NT-Xent (:class:`pcl_ext.NTXentLoss`, T = 0.5
+unless ``--temperature``) on both views through the one encoder and its MLP head, with every
+rank's embeddings as negatives under torchrun. Every epoch ends with an atomic checkpoint
+(model, momentum encoder, optimizer, queue, RNG states, last clustering; SimCLR's has no
+momentum encoder and no queue) in ``--out``; a killed
 run resumed with ``--resume`` repeats at most the epoch it was in. Checkpoints hold tensors and
 plain containers only and are read with ``torch.load(weights_only=True)``: reading one cannot
 run code it carries.
@@ -39,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
-from . import ClusterResult, ProtoNCELoss, RingQueue, cluster, momentum_update_
+from . import ClusterResult, NTXentLoss, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .cluster import coagulation_stats
 from .data import AUGMENTATIONS, build_datasets
 from .evaluate import evaluate_checkpoint, extract_features, initial_encoder, load_checkpoint
@@ -66,6 +72,11 @@ PRESETS = {
                     moco_m=0.99, queue_size=4096, pcl_r="all", num_cluster="100,200,500"),
     "imagefolder": {},
 }
+# What a method changes, below the command line and above the data set's preset. SimCLR's
+# T = 0.5 is its value at batch 256 with SGD-momentum (Chen et al. 2020, appendix B.7).
+METHODS = {"pcl": {}, "moco": dict(num_cluster=""), "simclr": dict(num_cluster="",
+                                                                   temperature=0.5)}
+METHOD_NAMES = {"pcl": "PCL", "moco": "MoCo", "simclr": "SimCLR"}
 
 
 def bounded(kind: type, low: float, high: float = math.inf, *,
@@ -126,6 +137,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="folder of the data set's files")
     p.add_argument("--out", default="runs/pcl", help="checkpoints, metrics and plots")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--method", choices=list(METHODS), default="pcl",
+                   help="pcl; moco: PCL without clusters (as --num-cluster ''); simclr: "
+                        "NT-Xent on the two views, no momentum encoder or queue, T 0.5")
     for name in PCL_DEFAULTS:  # absent unless given: the data set's preset, else PCL's value
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=FLAG_TYPES[name], default=argparse.SUPPRESS,
@@ -173,10 +187,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    preset = PRESETS[args.dataset]
+    if args.method != "pcl" and getattr(args, "num_cluster", []):
+        p.error(f"argument --num-cluster: --method {args.method} has no clusters")
+    preset, method = PRESETS[args.dataset], METHODS[args.method]
     for name, pcl_value in PCL_DEFAULTS.items():
         if not hasattr(args, name):
-            value = preset.get(name, pcl_value)
+            value = method.get(name, preset.get(name, pcl_value))
             setattr(args, name, FLAG_TYPES[name](value) if isinstance(value, str) else value)
     return args
 
@@ -308,23 +324,31 @@ def train_one_epoch(model_q, model_k, queue, criterion, optimizer, scaler, loade
                leave=False)
     for (im_q, im_k), index in bar:
         im_q, im_k = im_q.to(env.device, non_blocking=True), im_k.to(env.device, non_blocking=True)
-        with autocast(args, env.device):
-            q = model_q(im_q)
-        q = F.normalize(q.float(), dim=1)                                   # N x dim
-        with torch.no_grad():
-            momentum_update_(model_k, getattr(model_q, "module", model_q), args.moco_m)
+        if model_k is None:  # SimCLR: both views in one batch, as its batch norm sees them
             with autocast(args, env.device):
-                k = encode_keys(model_k, im_k, args.shuffle_bn_splits, env, args.shuffle_bn_ranks)
-            k = F.normalize(k.float(), dim=1)                               # N x dim
-        loss = criterion(q, k, queue, cluster_result, index)
+                z = model_q(torch.cat([im_q, im_k]))
+            q, k = F.normalize(z.float(), dim=1).chunk(2)                   # N x dim each
+            loss = criterion(q, k)
+        else:
+            with autocast(args, env.device):
+                q = model_q(im_q)
+            q = F.normalize(q.float(), dim=1)                               # N x dim
+            with torch.no_grad():
+                momentum_update_(model_k, getattr(model_q, "module", model_q), args.moco_m)
+                with autocast(args, env.device):
+                    k = encode_keys(model_k, im_k, args.shuffle_bn_splits, env,
+                                    args.shuffle_bn_ranks)
+                k = F.normalize(k.float(), dim=1)                           # N x dim
+            loss = criterion(q, k, queue, cluster_result, index)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # the scaler is a pass-through unless --amp fp16
         scaler.step(optimizer)
         scaler.update()
-        queue.enqueue_(k)
+        if queue is not None:
+            queue.enqueue_(k)
         acc_proto = criterion.acc_proto if cluster_result is not None else loss.new_zeros(())
         sums += torch.stack([loss.detach(), criterion.acc_inst, acc_proto]).double()
-        geometry += batch_geometry(q.detach(), k)
+        geometry += batch_geometry(q.detach(), k.detach())
         steps += 1
         if env.master and args.progress and steps % 10 == 0:
             bar.set_postfix(loss=f"{sums[0].item() / steps:.3f}")
@@ -453,12 +477,16 @@ def train(args: argparse.Namespace) -> dict:
         flag_error(f"--pcl-r {args.pcl_r} exceeds the free clusters of the smallest "
                    f"--num-cluster {min(args.num_cluster)}; use --pcl-r all")
     model_q = initial_encoder(vars(args), info).to(env.device)  # what evaluate's baseline is
-    model_k = copy.deepcopy(model_q).requires_grad_(False)
-    queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
-    criterion = ProtoNCELoss(args.temperature, args.pcl_r,
-                             generator=torch.Generator(env.device).manual_seed(args.seed),
-                             align_weight=args.pauc_align, uniform_weight=args.pauc_uniform,
-                             corr_weight=args.pauc_corr)
+    if args.method == "simclr":  # every rank's embeddings are negatives of every row
+        model_k, queue = None, None
+        criterion = NTXentLoss(args.temperature, normalize=False, gather=env.enabled)
+    else:
+        model_k = copy.deepcopy(model_q).requires_grad_(False)
+        queue = RingQueue(args.queue_size, args.low_dim, device=env.device)
+        criterion = ProtoNCELoss(args.temperature, args.pcl_r,
+                                 generator=torch.Generator(env.device).manual_seed(args.seed),
+                                 align_weight=args.pauc_align,
+                                 uniform_weight=args.pauc_uniform, corr_weight=args.pauc_corr)
     optimizer = torch.optim.SGD(model_q.parameters(), args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     if args.amp == "fp16" and env.device.type != "cuda":
@@ -471,13 +499,17 @@ def train(args: argparse.Namespace) -> dict:
             ckpt = load_checkpoint(ckpt_path, map_location=env.device)
         except pickle.UnpicklingError as exc:
             sys.exit(str(exc))
+        if ("model_k" in ckpt) != (model_k is not None):
+            sys.exit(f"{ckpt_path}: a {ckpt['args'].get('method', 'pcl')} checkpoint cannot "
+                     f"resume --method {args.method}")
         model_q.load_state_dict(ckpt["model_q"])
-        model_k.load_state_dict(ckpt["model_k"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        queue.load_state_dict(ckpt["queue"])
-        criterion.generator.set_state(ckpt["sampler_rng"])
+        if model_k is not None:
+            model_k.load_state_dict(ckpt["model_k"])
+            queue.load_state_dict(ckpt["queue"])
+            criterion.generator.set_state(ckpt["sampler_rng"])
         set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, history = ckpt["epoch"], ckpt["history"]  # the E-step reruns each epoch
         if ckpt.get("cluster_result") is not None:
@@ -495,9 +527,12 @@ def train(args: argparse.Namespace) -> dict:
                         num_workers=args.workers, drop_last=True,
                         pin_memory=env.device.type == "cuda")
     if env.master:
-        print(f"PCL on {args.dataset} ({len(train_set)} images), {args.arch}, "
-              f"{env.world} x {env.device}, clusters {args.num_cluster or 'none (MoCo)'}, "
-              f"r={'all' if args.pcl_r is None else args.pcl_r}, epochs {start_epoch}..{args.epochs}")
+        losses = (f"T={args.temperature}" if args.method == "simclr" else
+                  f"clusters {args.num_cluster or 'none (MoCo)'}, "
+                  f"r={'all' if args.pcl_r is None else args.pcl_r}")
+        print(f"{METHOD_NAMES[args.method]} on {args.dataset} ({len(train_set)} images), "
+              f"{args.arch}, {env.world} x {env.device}, {losses}, "
+              f"epochs {start_epoch}..{args.epochs}")
 
     for epoch in range(start_epoch, args.epochs):
         # The sampler's order depends on the epoch only, so a resumed epoch replays exactly.
@@ -525,15 +560,17 @@ def train(args: argparse.Namespace) -> dict:
         else:
             rngs = [rng_state()]
         if env.master:
-            save_checkpoint(ckpt_path, {
+            state = {
                 "epoch": epoch + 1, "args": vars(args), "info": dataclasses.asdict(info),
                 "model_q": getattr(model_q, "module", model_q).state_dict(),
-                "model_k": model_k.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "queue": queue.state_dict(), "sampler_rng": criterion.generator.get_state(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "rng": rngs, "history": history,
                 "cluster_result": None if cluster_result is None else  # PCL's dict of lists
-                dict(cluster_result.to("cpu"))})
+                dict(cluster_result.to("cpu"))}
+            if model_k is not None:  # SimCLR has no momentum encoder, queue or sampler
+                state.update(model_k=model_k.state_dict(), queue=queue.state_dict(),
+                             sampler_rng=criterion.generator.get_state())
+            save_checkpoint(ckpt_path, state)
             # Rewritten whole from the checkpoint's history: a resumed run's log has no gaps
             # and no repeats.
             tmp = out / "metrics.jsonl.tmp"

@@ -64,6 +64,49 @@ def test_moco_ablation_has_no_clusters(tmp_path):
                                          "--out", str(out)]))
     ckpt = load(out / "checkpoint.pt")
     assert ckpt["cluster_result"] is None and ckpt["args"]["num_cluster"] == []
+    # --method moco is the same run
+    no_clusters = [a for a in TINY if a not in ("--num-cluster", "4,8")]
+    train.train(train.parse_args(no_clusters + ["--epochs", "1", "--method", "moco",
+                                                "--no-eval", "--out", str(tmp_path / "m")]))
+    method = load(tmp_path / "m" / "checkpoint.pt")
+    assert method["args"]["num_cluster"] == [] and method["args"]["method"] == "moco"
+    assert method["history"][0]["loss"] == ckpt["history"][0]["loss"]
+    for key, value in ckpt["model_q"].items():
+        assert torch.equal(value, method["model_q"][key]), key
+
+
+SIMCLR = [a for a in TINY if a not in ("--num-cluster", "4,8")] + ["--method", "simclr"]
+
+
+def test_simclr_trains_one_encoder_and_evaluates(tmp_path, capsys):
+    args = train.parse_args(SIMCLR)
+    assert args.temperature == 0.5 and args.num_cluster == []  # SimCLR's preset T
+    assert train.parse_args(SIMCLR + ["--temperature", "0.1"]).temperature == 0.1
+    out = tmp_path / "simclr"
+    results = train.train(train.parse_args(SIMCLR + ["--epochs", "2", "--out", str(out)]))
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["args"]["method"] == "simclr"
+    assert not {"model_k", "queue", "sampler_rng"} & set(ckpt)  # no momentum encoder, no queue
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1] and all(x["acc_proto"] is None for x in lines)
+    # NT-Xent of 2 x 16 rows: log(31) at chance; accuracy among the 31 other rows
+    assert all(0 < x["loss"] < 2 * math.log(31) and 0 <= x["acc_inst"] <= 100 for x in lines)
+    assert all(0 <= x["align"] <= 4 and -4 <= x["uniform"] <= 0 for x in lines)
+    assert lines[0]["estep_seconds"] < 1 and "spread_ratio" not in lines[1]
+    assert (out / "metrics.png").stat().st_size > 0
+    assert set(results) == {"SimCLR, epoch 2", "random init"}
+    assert "SimCLR on digits" in capsys.readouterr().out
+    # a method's checkpoint does not resume another's
+    with pytest.raises(SystemExit, match="a simclr checkpoint cannot resume --method pcl"):
+        train.train(train.parse_args(TINY + ["--epochs", "3", "--resume", "--out", str(out)]))
+
+
+def test_methods_without_clusters_refuse_num_cluster(capsys):
+    for method in ("moco", "simclr"):
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args(TINY + ["--method", method])  # TINY has --num-cluster 4,8
+        assert stop.value.code == 2
+        assert f"--method {method} has no clusters" in capsys.readouterr().err
 
 
 def test_evaluate_several_checkpoints_shares_the_random_baseline(tmp_path, capsys):
@@ -125,8 +168,11 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
         train.train(train.parse_args(args + ["--amp", "fp16", "--out", str(tmp_path / "fp16")]))
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("method", ["pcl", "simclr"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, method):
     args = TINY + ["--max-samples", "160", "--epochs", "4", "--warmup-epochs", "1", "--no-eval"]
+    if method == "simclr":
+        args = [a for a in args if a not in ("--num-cluster", "4,8")] + ["--method", "simclr"]
     straight = run_cli(args + ["--out", str(tmp_path / "straight")])
     killed = run_cli(args + ["--out", str(tmp_path / "killed")])
     ckpt = tmp_path / "killed" / "checkpoint.pt"
@@ -147,7 +193,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert straight.wait(timeout=600) == 0, straight.stdout.read()
     a, b = load(tmp_path / "straight" / "checkpoint.pt"), load(ckpt)
     assert a["epoch"] == b["epoch"] == 4
-    for name in ("model_q", "model_k", "queue"):
+    for name in ("model_q", "model_k", "queue") if method == "pcl" else ("model_q",):
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), (name, key)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
@@ -260,6 +306,16 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # Both ranks' keys went into the queue: 2 ranks x 8 rows per step.
     assert int(ckpt["queue"]["ptr"]) == (2 * (96 // 16) * 16) % 32
     assert len(ckpt["cluster_result"]["im2cluster"][0]) == 96
+
+
+def test_torchrun_two_processes_simclr(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun(["-m", "pcl_ext.train", *SIMCLR, "--epochs", "1", "--no-eval", "--out", str(out)],
+             tmp_path)
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and len(ckpt["rng"]) == 2 and "queue" not in ckpt
+    # 2 ranks x 8 rows, gathered: 2 x 16 rows, 31 other rows each (chance: log 31)
+    assert 0 < ckpt["history"][0]["loss"] < 2 * math.log(31)
 
 
 def test_pauc_flags_add_their_terms_after_the_warmup(tmp_path):
