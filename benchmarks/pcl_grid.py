@@ -47,7 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "grid"
 PRESETS = {
     "fashion16": ["--dataset", "fashion-mnist", "--image-size", "16", "--max-samples", "10000",
                   "--epochs", "15", "--warmup-epochs", "5", "--batch-size", "128",
-                  "--lr", "0.06", "--queue-size", "4096", "--num-cluster", "50,100,200"],
+                  "--lr", "0.03", "--queue-size", "4096", "--num-cluster", "50,100,200"],
     # CI's check of the machinery (seconds): a few steps on scikit-learn's digits.
     "smoke": ["--dataset", "digits", "--image-size", "8", "--max-samples", "96", "--epochs", "2",
               "--warmup-epochs", "1", "--batch-size", "32", "--queue-size", "64",
