@@ -66,7 +66,7 @@ PCL_DEFAULTS = dict(arch="resnet50", epochs=200, warmup_epochs=20, batch_size=25
 # crops of 8x8 digits leave two views little in common; either way the instance term barely
 # learns (loss ~5.8 of ln 513 = 6.24, top-1 5-12% through the warm-up).
 PRESETS = {
-    "digits": dict(arch="resnet18", epochs=20, warmup_epochs=8, batch_size=64, lr=0.01,
+    "digits": dict(arch="resnet18", epochs=16, warmup_epochs=6, batch_size=64, lr=0.01,
                    moco_m=0.99, queue_size=512, pcl_r="all", num_cluster="10,20,40",
                    image_size=12, temperature=0.1),
     "fashion-mnist": dict(arch="resnet18", epochs=30, warmup_epochs=5, batch_size=256,
