@@ -91,7 +91,7 @@ def main() -> None:
                        ami_cold_warm=adjusted_mutual_info_score(cold_ids, ids))
             rows.append(row)
             print(format_row([k, start, f"{row['runs']} x {row['iterations']}",
-                              f"{row['kmeans_seconds']:.2f}", f"{objective:.1f}",
+                              f"{row['kmeans_seconds']:.3f}", f"{objective:.1f}",
                               f"{row['ami_labels']:.4f}", f"{row['ami_cold_warm']:.4f}"],
                              COLUMNS))
     totals = {start: dict(median_seconds=runs[start][1], seconds=runs[start][2])
