@@ -338,9 +338,11 @@ def _info_nce_setup_context(ctx, inputs, keyword_only_inputs, output):
     queries, keys, targets, temperature, exclude_self, compute_grad_queries = inputs
     _, lse, dq, correct = output
     ctx.mark_non_differentiable(lse, dq, correct)
+    ctx.set_materialize_grads(False)  # no zero [N, D] gradient for dq, which nothing uses
     ctx.save_for_backward(queries, keys, targets, lse, dq)
     ctx.temperature, ctx.exclude_self = temperature, exclude_self
     ctx.compute_grad_queries = compute_grad_queries
+    ctx.queries_is_keys = queries is keys
     ctx.allow_tf32 = keyword_only_inputs.get("allow_tf32", False)
 
 
@@ -348,17 +350,24 @@ def _info_nce_backward(ctx, grad_losses, _grad_lse, _grad_dq, _grad_correct):
     if torch.is_grad_enabled():
         raise RuntimeError("info_nce: double backward (create_graph=True) is not supported; "
                            "the kernels compute first-order gradients only")
+    if grad_losses is None:  # undefined: no gradient flows (gradcheck checks this case)
+        return None, None, None, None, None, None
     queries, keys, targets, lse, dq = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and not ctx.compute_grad_queries:
+        raise RuntimeError("info_nce: the gradient of `queries` was not accumulated "
+                           "(the op ran with compute_grad_queries=False)")
     grad_q = grad_k = None
-    if ctx.needs_input_grad[0]:
-        if not ctx.compute_grad_queries:
-            raise RuntimeError("info_nce: the gradient of `queries` was not accumulated "
-                               "(the op ran with compute_grad_queries=False)")
-        grad_q = (grad_losses[:, None] * dq).to(queries.dtype)
     if ctx.needs_input_grad[1]:
         grad_k = torch.ops.pcl_ext.info_nce_backward.default(
             grad_losses, queries, keys, targets, lse, ctx.temperature, ctx.exclude_self,
             allow_tf32=ctx.allow_tf32)
+    if ctx.needs_input_grad[0] and ctx.queries_is_keys:
+        # One tensor, one gradient: add g_i dq_i into the fresh key gradient, in place,
+        # rather than allocating the scaled copy and letting autograd allocate the sum.
+        # dq itself stays as saved (retain_graph may call this again).
+        grad_k.addcmul_(grad_losses[:, None], dq)
+    elif ctx.needs_input_grad[0]:
+        grad_q = (grad_losses[:, None] * dq).to(queries.dtype)
     return grad_q, grad_k, None, None, None, None
 
 

@@ -110,6 +110,29 @@ def test_queries_is_keys_simclr(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("same", [False, True], ids=["two_tensors", "queries_is_keys"])
+def test_repeated_backward(device, dtype, same):
+    """retain_graph=True, then a second backward: the saved query gradient is not consumed,
+    so the accumulated gradients are twice the reference's."""
+    q, keys, targets = sample_inputs(device, dtype, n=10, k=10, d=5, exclude_self=True)
+    if same:
+        keys = q
+    loss = pcl_ext.info_nce(q, keys, targets, temperature=0.3, exclude_self=True,
+                            reduction="sum")
+    loss.backward(retain_graph=True)
+    first_q, first_k = q.grad.clone(), keys.grad.clone()
+    loss.backward()
+    _, ref_dq, ref_dk = reference_f64(q, keys, targets, 0.3, True,
+                                      torch.ones(10, dtype=torch.float64))
+    want_q = ref_dq + ref_dk if same else ref_dq
+    want_k = want_q if same else ref_dk
+    assert_close(first_q, want_q, dtype)
+    assert_close(first_k, want_k, dtype)
+    assert_close(q.grad, 2 * want_q, dtype)
+    assert_close(keys.grad, 2 * want_k, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("which", ["queries", "keys"])
 def test_one_side_without_grad(device, dtype, which):
     q, keys, targets = sample_inputs(device, dtype, n=7, k=11, d=4, q_grad=which != "queries",
