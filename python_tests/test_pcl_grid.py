@@ -28,24 +28,25 @@ def test_grid_runs_once_and_resumes(grid, tmp_path, monkeypatch):
     first = grid.PRESETS["smoke"] + grid.ARMS["moco"] + ["--seed", "3"]
     first[first.index("--epochs") + 1] = "1"
     first[first.index("--warmup-epochs") + 1] = "1"
-    subprocess.run([sys.executable, "-m", "pcl_ext.train", *first, "--out", str(runs / "moco-s3"),
+    subprocess.run([sys.executable, "-m", "pcl_ext.train", *first, "--out",
+                    str(runs / "smoke" / "moco-s3"),
                     "--no-eval", "--no-progress"], cwd=ROOT, check=True)
-    epoch0 = (runs / "moco-s3" / "metrics.jsonl").read_text()
+    epoch0 = (runs / "smoke" / "moco-s3" / "metrics.jsonl").read_text()
     grid.main(argv)
-    history = (runs / "moco-s3" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    history = (runs / "smoke" / "moco-s3" / "metrics.jsonl").read_text().splitlines(keepends=True)
     # Resumed: epoch 0's record (its measured seconds included) is the killed run's.
     assert len(history) == 2 and history[0] == epoch0 and json.loads(history[1])["epoch"] == 1
 
     for name in ("moco-s3", "pcl-warm-s3", "random-s3"):
-        payload = json.loads((results / f"{name}.json").read_text())
+        payload = json.loads((results / "smoke" / f"{name}.json").read_text())
         assert payload["seed"] == 3 and payload["preset"] == "smoke"
         for key in ("knn_top1", "linear_top1", "ami", "nmi"):
             assert 0 <= payload["metrics"][key] <= 100
-    warm = json.loads((results / "pcl-warm-s3.json").read_text())
+    warm = json.loads((results / "smoke" / "pcl-warm-s3.json").read_text())
     assert warm["warm"] == [[False, False]]  # one E-step (epoch 1 of 2): cold, nothing to start from
     assert len(warm["kmeans_seconds"]) == 1 and len(warm["kmeans_seconds"][0]) == 2
-    assert json.loads((results / "moco-s3.json").read_text())["kmeans_seconds"] == []
-    table = (results / "table-smoke.md").read_text()
+    assert json.loads((results / "smoke" / "moco-s3.json").read_text())["kmeans_seconds"] == []
+    table = (results / "smoke" / "table.md").read_text()
     assert "| moco | 3 |" in table and "| pcl-warm | 3 |" in table and "random init" in table
 
     # Finished runs are never rerun: a second invocation starts no training.
@@ -66,7 +67,8 @@ def test_table_statistics(grid, tmp_path):
             if arm != "random init":
                 payload.update(train_seconds=600.0, kmeans_seconds=[[1.0, 2.0]] * 2)
             name = "random" if arm == "random init" else arm
-            (tmp_path / f"{name}-s{seed}.json").write_text(json.dumps(payload))
+            (tmp_path / "smoke").mkdir(exist_ok=True)
+            (tmp_path / "smoke" / f"{name}-s{seed}.json").write_text(json.dumps(payload))
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
             for line in grid.table(tmp_path, "smoke").splitlines() if line.startswith("| ")}
     pcl = rows["pcl"]
