@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -191,6 +192,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0)  # numpy's range
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep every epoch's checkpoint as OUT/checkpoint-e<epoch>.pt "
+                        "(for benchmarks/instance_probe.py; ~140 MB each at resnet18)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     if args.method != "pcl" and getattr(args, "num_cluster", []):
@@ -381,6 +385,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def keep_copy(path: Path, dest: Path) -> None:
+    """``dest`` holds what ``path`` holds now: a hard link (the next save_checkpoint replaces
+    ``path``, not the file), or a copy, renamed into place, where links are not allowed."""
+    dest.unlink(missing_ok=True)  # a resumed run writes its replayed epoch again
+    try:
+        os.link(path, dest)
+    except OSError:
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
 
 
 def rng_state() -> dict:
@@ -579,6 +595,8 @@ def train(args: argparse.Namespace) -> dict:
                 state.update(model_k=model_k.state_dict(), queue=queue.state_dict(),
                              sampler_rng=criterion.generator.get_state())
             save_checkpoint(ckpt_path, state)
+            if args.keep_checkpoints:
+                keep_copy(ckpt_path, out / f"checkpoint-e{epoch + 1}.pt")
             # Rewritten whole from the checkpoint's history: a resumed run's log has no gaps
             # and no repeats.
             tmp = out / "metrics.jsonl.tmp"

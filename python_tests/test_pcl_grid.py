@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def grid():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its `common`, as when run as a script
     spec = importlib.util.spec_from_file_location("pcl_grid", ROOT / "benchmarks" / "pcl_grid.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
