@@ -47,17 +47,36 @@ Tensor cpu_scratch(int64_t numel, ScalarType dtype) {
                               torch::stable::Device(torch::headeronly::DeviceType::CPU));
 }
 
+// What both passes open with: contiguous inputs (kept alive here), sizes, checked targets, 1/T.
+template <typename T>
+struct Inputs {
+  Tensor q, keys, targets;
+  int64_t n, d, kk;
+  const int64_t* tg;
+  T inv_t;
+  const T* q_p;
+  const T* k_p;
+
+  Inputs(const Tensor& q_in, const Tensor& k_in, const Tensor& targets_in, double temperature,
+         bool exclude_self, const char* op)
+      : q(ensure_contiguous(q_in)), keys(ensure_contiguous(k_in)),
+        targets(ensure_contiguous(targets_in)), n(q.size(0)), d(q.size(1)), kk(keys.size(0)),
+        tg(targets.const_data_ptr<int64_t>()), inv_t(static_cast<T>(1.0 / temperature)),
+        q_p(q.const_data_ptr<T>()), k_p(keys.const_data_ptr<T>()) {
+    check_targets(tg, n, kk, exclude_self, op);
+  }
+};
+
 template <typename T>
 InfoNCEOut info_nce_cpu_impl(const Tensor& q_in, const Tensor& k_in, const Tensor& targets_in,
                              double temperature, bool exclude_self, bool grad_q) {
-  const Tensor q = ensure_contiguous(q_in), keys = ensure_contiguous(k_in);
-  const Tensor targets = ensure_contiguous(targets_in);
-  const int64_t n = q.size(0), d = q.size(1), kk = keys.size(0);
-  const int64_t* tg = targets.const_data_ptr<int64_t>();
-  check_targets(tg, n, kk, exclude_self, "info_nce");
-  const T inv_t = static_cast<T>(1.0 / temperature);
-  const T* q_p = q.const_data_ptr<T>();
-  const T* k_p = keys.const_data_ptr<T>();
+  const Inputs<T> in(q_in, k_in, targets_in, temperature, exclude_self, "info_nce");
+  const Tensor& q = in.q;
+  const int64_t n = in.n, d = in.d, kk = in.kk;
+  const int64_t* tg = in.tg;
+  const T inv_t = in.inv_t;
+  const T* q_p = in.q_p;
+  const T* k_p = in.k_p;
 
   // Row blocks first; columns split into chunks only as far as parallelism needs.
   const int64_t rb = std::min(n, kRowBlock), row_blocks = (n + rb - 1) / rb;
@@ -148,15 +167,14 @@ template <typename T>
 Tensor info_nce_backward_cpu_impl(const Tensor& g_in, const Tensor& q_in, const Tensor& k_in,
                                   const Tensor& targets_in, const Tensor& lse_in,
                                   double temperature, bool exclude_self) {
-  const Tensor q = ensure_contiguous(q_in), keys = ensure_contiguous(k_in);
-  const Tensor targets = ensure_contiguous(targets_in);
+  const Inputs<T> in(q_in, k_in, targets_in, temperature, exclude_self, "info_nce_backward");
+  const Tensor& q = in.q;
+  const int64_t n = in.n, d = in.d, kk = in.kk;
+  const int64_t* tg = in.tg;
+  const T inv_t = in.inv_t;
+  const T* q_p = in.q_p;
+  const T* k_p = in.k_p;
   const Tensor g = ensure_contiguous(g_in), lse = ensure_contiguous(lse_in);
-  const int64_t n = q.size(0), d = q.size(1), kk = keys.size(0);
-  const int64_t* tg = targets.const_data_ptr<int64_t>();
-  check_targets(tg, n, kk, exclude_self, "info_nce_backward");
-  const T inv_t = static_cast<T>(1.0 / temperature);
-  const T* q_p = q.const_data_ptr<T>();
-  const T* k_p = keys.const_data_ptr<T>();
   const T* g_p = g.const_data_ptr<T>();
   const T* lse_p = lse.const_data_ptr<T>();
 
