@@ -82,7 +82,8 @@ PRESETS = {
 METHODS = {"pcl": {}, "moco": dict(num_cluster=""), "simclr": dict(num_cluster="",
                                                                    temperature=0.5)}
 METHOD_NAMES = {"pcl": "PCL", "moco": "MoCo", "simclr": "SimCLR"}
-# The smallest crop area of MoCo v2's views (--aug aug-plus) where its 0.2 cannot apply.
+# The smallest crop area of MoCo v2's views (--aug aug-plus) where its 0.2 cannot apply. InfoMin
+# Aug's crops keep their ratio to MoCo v2's (0.08 / 0.2): 0.2 where MoCo v2's floor is 0.5.
 CROP_MIN = {"digits": 0.5}
 
 
@@ -157,7 +158,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "colour jitter, then RandAugment; pcl_ext.data.pretrain_transform)")
     p.add_argument("--crop-min", type=bounded(float, 0, 1, low_open=True), default=None,
                    help="smallest area fraction of the random crops (default: the views', "
-                        "MoCo v2: 0.2 (digits: 0.5), InfoMin: 0.08)")
+                        "MoCo v2: 0.2, InfoMin: 0.08; digits: 0.5 and 0.2)")
     p.add_argument("--shuffle-bn-splits", type=bounded(int, 1), default=1,
                    help="shuffle BN: the key encoder's batch norm sees this many random "
                         "sub-batches per process (MoCo: one per GPU, 32 images each; 1 = off). "
@@ -204,8 +205,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if not hasattr(args, name):
             value = method.get(name, preset.get(name, pcl_value))
             setattr(args, name, FLAG_TYPES[name](value) if isinstance(value, str) else value)
-    if args.crop_min is None and args.aug == "aug-plus":
-        args.crop_min = CROP_MIN.get(args.dataset)
+    if args.crop_min is None and args.dataset in CROP_MIN:
+        args.crop_min = CROP_MIN[args.dataset] * AUGMENTATIONS[args.aug] / AUGMENTATIONS["aug-plus"]
     return args
 
 
