@@ -271,11 +271,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             else:
                 run_random(seed, opts)
                 run_one(arm, seed, opts)
+                write_table(opts)  # after every run: a grid stopped between runs has it too
             done += 1
+    print(write_table(opts) if not opts.dry_run else table(opts.results, opts.preset))
+
+
+def write_table(opts) -> str:
     text = table(opts.results, opts.preset)
-    print(text)
-    if not opts.dry_run:
-        (opts.results / opts.preset / "table.md").write_text(text + "\n")
+    (opts.results / opts.preset / "table.md").write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":
