@@ -32,14 +32,15 @@ from torch import Tensor, nn
 
 from common import (add_seed_and_json, argument_parser, environment, format_header,
                     format_row, init_device, write_results)
-from pcl_ext.data import build_datasets
+from pcl_ext.data import RAND_AUGMENT, build_datasets
 from pcl_ext.evaluate import initial_encoder, load_checkpoint
 
 COLUMNS = [("checkpoint", 28), ("epoch", 6), ("lr", 8), ("logged loss", 12),
            ("logged top-1", 13), ("fixed loss", 11), ("fixed top-1", 12),
            ("saved-queue loss", 17), ("align", 7)]
 # What the probe reads from a checkpoint's args to build its inputs: they must agree.
-DATA_ARGS = ("dataset", "data_root", "image_size", "crop_min", "aug", "max_samples")
+DATA_ARGS = ("dataset", "data_root", "image_size", "crop_min", "aug", "randaug_ops",
+             "randaug_magnitude", "max_samples")
 
 
 def encode(model: nn.Module, images: Tensor, batch: int, device: torch.device) -> Tensor:
@@ -76,7 +77,9 @@ def main() -> None:
     a = ckpts[0]["args"]
     train_set, _, _, info = build_datasets(
         a["dataset"], a["data_root"], image_size=a["image_size"], aug=a["aug"],
-        crop_scale=None if a["crop_min"] is None else (a["crop_min"], 1.0))
+        crop_scale=None if a["crop_min"] is None else (a["crop_min"], 1.0),
+        rand_augment=(a.get("randaug_ops", RAND_AUGMENT[0]),  # older runs: the defaults
+                      a.get("randaug_magnitude", RAND_AUGMENT[1])))
     n = len(train_set) if a["max_samples"] is None else min(a["max_samples"], len(train_set))
     queue_size = args.queue or a["queue_size"]
     if args.queries + queue_size > n:

@@ -44,7 +44,8 @@ from torchvision.transforms import v2
 
 __all__ = ["DATASETS", "DatasetInfo", "ArrayDataset", "Transformed", "TwoCrops",
            "GaussianBlur", "read_idx", "load_digits", "load_idx_dir", "load_cifar10",
-           "pretrain_transform", "eval_transform", "build_datasets", "AUGMENTATIONS"]
+           "pretrain_transform", "eval_transform", "build_datasets", "AUGMENTATIONS",
+           "RAND_AUGMENT"]
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -55,6 +56,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The views of the pre-training pairs, with the smallest crop area each uses by default.
 AUGMENTATIONS = {"aug-plus": 0.2, "infomin": 0.08}
+RAND_AUGMENT = (2, 30)  # InfoMin Aug's RandAugment: ops per image, magnitude bin (of 0..30)
 
 PathLike = Union[str, Path]
 Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # train images, train labels, test images, test labels
@@ -259,7 +261,8 @@ def load_cifar10(root: PathLike) -> Arrays:
 def pretrain_transform(image_size: int, channels: int, mean: Sequence[float],
                        std: Sequence[float], *, flip: bool = True,
                        crop_scale: Optional[tuple[float, float]] = None,
-                       aug: str = "aug-plus") -> v2.Compose:
+                       aug: str = "aug-plus",
+                       rand_augment: tuple[int, int] = RAND_AUGMENT) -> v2.Compose:
     """The views of a pre-training pair, adapted to grayscale and small images; PIL or uint8
     tensor in, normalized float32 ``[C, image_size, image_size]`` out.
 
@@ -271,6 +274,7 @@ def pretrain_transform(image_size: int, channels: int, mean: Sequence[float],
     crops (default scale (0.08, 1)) and colour jitter (0.8, 0.8, 0.8, 0.2), then
     torchvision's RandAugment with 2 ops at magnitude 30 of 31 bins, the strongest, as
     InfoMin's "rand-n2-m10" (timm's scale tops at 10), filling with the data's mean colour.
+    ``rand_augment = (ops, magnitude)`` changes that RandAugment (``ops = 0``: none).
 
     Changes for small and grayscale images: one channel keeps brightness and contrast only
     (saturation, hue and grayscale do nothing to it; RandAugment's colour op leaves it
@@ -291,11 +295,15 @@ def pretrain_transform(image_size: int, channels: int, mean: Sequence[float],
     blur = [v2.RandomApply([GaussianBlur((0.1 * scale, 2.0 * scale))], p=0.5)] \
         if image_size > 32 else []
     fill = [round(255 * m) for m in mean]  # uint8 or PIL images: the mean in pixel values
-    rand_augment = [v2.RandAugment(num_ops=2, magnitude=30, fill=fill)] \
-        if aug == "infomin" else []
+    ops, magnitude = rand_augment
+    if not (ops >= 0 and 0 <= magnitude <= 30):
+        raise ValueError("pretrain_transform: `rand_augment` must be (ops >= 0, magnitude in "
+                         f"0..30), got {rand_augment!r}")
+    randaug = [v2.RandAugment(num_ops=ops, magnitude=magnitude, fill=fill)] \
+        if aug == "infomin" and ops > 0 else []
     crop_scale = crop_scale or (AUGMENTATIONS[aug], 1.0)
     return v2.Compose([v2.RandomResizedCrop(image_size, scale=crop_scale), *colour, *blur,
-                       *rand_augment, *([v2.RandomHorizontalFlip()] if flip else []),
+                       *randaug, *([v2.RandomHorizontalFlip()] if flip else []),
                        *_to_input(mean, std)])
 
 
@@ -318,6 +326,7 @@ def _to_input(mean: Sequence[float], std: Sequence[float]) -> list:
 def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
                    image_size: Optional[int] = None,
                    crop_scale: Optional[tuple[float, float]] = None, aug: str = "aug-plus",
+                   rand_augment: tuple[int, int] = RAND_AUGMENT,
                    ) -> tuple[Transformed, Transformed, Transformed, DatasetInfo]:
     """``(train, train_eval, test, info)`` for one of :data:`DATASETS` (see the module doc).
 
@@ -330,6 +339,7 @@ def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
         crop_scale: area range of RandomResizedCrop (default: the views', 0.2-1 for MoCo's).
         aug: the pre-training views, ``"aug-plus"`` (MoCo v2) or ``"infomin"``
             (:func:`pretrain_transform`).
+        rand_augment: ``(ops, magnitude)`` of InfoMin Aug's RandAugment (default ``(2, 30)``).
 
     Horizontal flips are used everywhere except on digits: handwriting is never mirrored (a
     mirrored 2, 3, 7 or 9 is no digit), so flip invariance would be learned for nothing. Inputs are normalized with the training split's
@@ -341,7 +351,7 @@ def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
     if root is None and name in ("cifar10", "imagefolder"):
         raise ValueError(f"build_datasets: {name!r} needs `root`, the folder of its files")
     if name == "imagefolder":
-        return _image_folders(Path(root), image_size or 224, crop_scale, aug)
+        return _image_folders(Path(root), image_size or 224, crop_scale, aug, rand_augment)
 
     if name == "digits":
         size, classes = image_size or 32, tuple(str(i) for i in range(10))
@@ -361,14 +371,14 @@ def build_datasets(name: str = "digits", root: Optional[PathLike] = None, *,
     info = DatasetInfo(name, len(classes), channels, size, size <= 64, mean, std, classes)
     train_base = ArrayDataset(train_x, train_y)
     augment = pretrain_transform(size, channels, mean, std, flip=name != "digits",
-                                 crop_scale=crop_scale, aug=aug)
+                                 crop_scale=crop_scale, aug=aug, rand_augment=rand_augment)
     return (Transformed(train_base, TwoCrops(augment), with_index=True),
             Transformed(train_base, eval_transform(mean, std)),
             Transformed(ArrayDataset(test_x, test_y), eval_transform(mean, std)), info)
 
 
 def _image_folders(root: Path, size: int, crop_scale: Optional[tuple[float, float]], aug: str,
-                   ) -> tuple[Transformed, Transformed, Transformed, DatasetInfo]:
+                   rand_augment: tuple[int, int]) -> tuple[Transformed, Transformed, Transformed, DatasetInfo]:
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise FileNotFoundError(f"{root}: an image folder needs train/ and val/ (or test/)")
@@ -378,7 +388,7 @@ def _image_folders(root: Path, size: int, crop_scale: Optional[tuple[float, floa
     info = DatasetInfo("imagefolder", len(train_base.classes), 3, size, size <= 64,
                        IMAGENET_MEAN, IMAGENET_STD, tuple(train_base.classes))
     augment = pretrain_transform(size, 3, IMAGENET_MEAN, IMAGENET_STD, crop_scale=crop_scale,
-                                 aug=aug)
+                                 aug=aug, rand_augment=rand_augment)
     evaluate = eval_transform(IMAGENET_MEAN, IMAGENET_STD, size)
     return (Transformed(train_base, TwoCrops(augment), with_index=True),
             Transformed(train_base, evaluate), Transformed(test_base, evaluate), info)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from . import ClusterResult, NTXentLoss, ProtoNCELoss, RingQueue, cluster, momentum_update_
 from .cluster import coagulation_stats
-from .data import AUGMENTATIONS, build_datasets
+from .data import AUGMENTATIONS, RAND_AUGMENT, build_datasets
 from .evaluate import evaluate_checkpoint, extract_features, initial_encoder, load_checkpoint
 from .loss import alignment, uniformity
 from .models import ARCHS
@@ -156,6 +156,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--aug", choices=list(AUGMENTATIONS), default="aug-plus",
                    help="the views: MoCo v2's aug-plus, or InfoMin Aug (stronger crops and "
                         "colour jitter, then RandAugment; pcl_ext.data.pretrain_transform)")
+    p.add_argument("--randaug-ops", type=bounded(int, 0), default=RAND_AUGMENT[0],
+                   help="--aug infomin: RandAugment's ops per image (InfoMin: 2; 0: none)")
+    p.add_argument("--randaug-magnitude", type=bounded(int, 0, 30), default=RAND_AUGMENT[1],
+                   help="--aug infomin: RandAugment's magnitude bin, 0..30 (InfoMin: 30)")
     p.add_argument("--crop-min", type=bounded(float, 0, 1, low_open=True), default=None,
                    help="smallest area fraction of the random crops (default: the views', "
                         "MoCo v2: 0.2, InfoMin: 0.08; digits: 0.5 and 0.2)")
@@ -483,7 +487,8 @@ def train(args: argparse.Namespace) -> dict:
 
     train_set, train_eval_set, test_set, info = build_datasets(
         args.dataset, args.data_root, image_size=args.image_size,
-        crop_scale=None if args.crop_min is None else (args.crop_min, 1.0), aug=args.aug)
+        crop_scale=None if args.crop_min is None else (args.crop_min, 1.0), aug=args.aug,
+        rand_augment=(args.randaug_ops, args.randaug_magnitude))
     if args.max_samples is not None:
         keep = list(range(min(args.max_samples, len(train_set))))
         train_set, train_eval_set = Subset(train_set, keep), Subset(train_eval_set, keep)

@@ -347,6 +347,15 @@ def test_infomin_preset():
                                    crop_scale=(0.3, 1.0)).transforms[0].scale == (0.3, 1.0)
     with pytest.raises(ValueError, match="`aug`"):
         data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomax")
+    # A milder RandAugment, or none
+    milder = data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin", rand_augment=(1, 9))
+    ra = next(x for x in milder.transforms if type(x).__name__ == "RandAugment")
+    assert (ra.num_ops, ra.magnitude) == (1, 9)
+    assert "RandAugment" not in repr(data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin",
+                                                             rand_augment=(0, 30)))
+    for bad in ((-1, 9), (2, 31)):
+        with pytest.raises(ValueError, match="`rand_augment`"):
+            data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin", rand_augment=bad)
 
 
 @needs_sklearn

@@ -371,6 +371,12 @@ def test_infomin_views_flag(tmp_path):
     assert ckpt["args"]["aug"] == "infomin" and math.isfinite(ckpt["history"][0]["loss"])
     with pytest.raises(SystemExit):
         train.parse_args(["--aug", "randaugment"])
+    milder = train.parse_args(TINY + ["--aug", "infomin", "--randaug-ops", "1",
+                                      "--randaug-magnitude", "9"])
+    assert (milder.randaug_ops, milder.randaug_magnitude) == (1, 9)
+    for bad in (["--randaug-magnitude", "31"], ["--randaug-ops", "-1"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(TINY + bad)
 
 
 def test_warm_estep_logs_and_survives_a_resume(tmp_path, monkeypatch):
