@@ -67,19 +67,10 @@ ARMS = {
     "pcl-infomin": ["--aug", "infomin"],
     "pcl-warm": ["--estep", "warm"],
 }
-# InfoMin Aug's crops start at 0.08 of the area where MoCo v2's start at 0.2 (pcl_ext.data's
-# AUGMENTATIONS). Where a preset raises MoCo v2's floor, the InfoMin arm keeps that ratio
-# (0.5 -> 0.2): stronger crops than the other arms', as InfoMin's, but not 0.08 of a 16 px image.
-INFOMIN_CROP_RATIO = 0.08 / 0.2
-
 
 def run_flags(preset: str, arm: str, seed: int) -> list[str]:
     """``pcl_ext.train``'s flags of one run: the preset's, the arm's, the seed."""
-    flags = PRESETS[preset] + ARMS[arm]
-    if arm == "pcl-infomin" and "--crop-min" in flags:
-        floor = float(flags[flags.index("--crop-min") + 1])
-        flags = flags + ["--crop-min", f"{floor * INFOMIN_CROP_RATIO:g}"]  # the last one counts
-    return flags + ["--seed", str(seed)]
+    return PRESETS[preset] + ARMS[arm] + ["--seed", str(seed)]
 
 
 METRICS = (("knn_top1", "kNN top-1 %", 2), ("linear_top1", "linear top-1 %", 2),

@@ -54,9 +54,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The views of the pre-training pairs, with the smallest crop area each uses by default.
-AUGMENTATIONS = {"aug-plus": 0.2, "infomin": 0.08}
-RAND_AUGMENT = (2, 30)  # InfoMin Aug's RandAugment: ops per image, magnitude bin (of 0..30)
+# The views of the pre-training pairs, with the smallest crop area each uses by default. InfoMin's code crops from 0.08 with a memory bank,
+# from 0.2 with MoCo's queue, which is what this package trains with.
+AUGMENTATIONS = {"aug-plus": 0.2, "infomin": 0.2}
+RAND_AUGMENT = (2, 30)  # InfoMin Aug's RandAugment: layers per image, magnitude bin (of 0..30)
+RAND_AUGMENT_P = 0.5  # ... each layer applied with this probability (timm's, as InfoMin's code)
 
 PathLike = Union[str, Path]
 Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # train images, train labels, test images, test labels
@@ -270,11 +272,13 @@ def pretrain_transform(image_size: int, channels: int, mean: Sequence[float],
     ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(p=0.2), GaussianBlur with
     p=0.5, RandomHorizontalFlip if ``flip``.
 
-    ``aug="infomin"``, InfoMin Aug (Tian et al., NeurIPS 2020): the same chain with stronger
-    crops (default scale (0.08, 1)) and colour jitter (0.8, 0.8, 0.8, 0.2), then
-    torchvision's RandAugment with 2 ops at magnitude 30 of 31 bins, the strongest, as
-    InfoMin's "rand-n2-m10" (timm's scale tops at 10), filling with the data's mean colour.
-    ``rand_augment = (ops, magnitude)`` changes that RandAugment (``ops = 0``: none).
+    ``aug="infomin"``, InfoMin Aug (Tian et al., NeurIPS 2020) as its authors' code builds it
+    for a MoCo queue: the same crops (default scale (0.2, 1); their 0.08 is for a memory bank),
+    stronger colour jitter (0.8, 0.8, 0.8, 0.2), then RandAugment "rand-n2-m10": two layers,
+    each applied with probability 0.5 (timm's RandAugment, which InfoMin uses, keeps or skips
+    every op on its own), each one torchvision RandAugment op at magnitude 30 of 31 bins, the
+    strongest (timm's scale tops at 10), filling with the data's mean colour.
+    ``rand_augment = (layers, magnitude)`` changes that RandAugment (``layers = 0``: none).
 
     Changes for small and grayscale images: one channel keeps brightness and contrast only
     (saturation, hue and grayscale do nothing to it; RandAugment's colour op leaves it
@@ -299,8 +303,10 @@ def pretrain_transform(image_size: int, channels: int, mean: Sequence[float],
     if not (ops >= 0 and 0 <= magnitude <= 30):
         raise ValueError("pretrain_transform: `rand_augment` must be (ops >= 0, magnitude in "
                          f"0..30), got {rand_augment!r}")
-    randaug = [v2.RandAugment(num_ops=ops, magnitude=magnitude, fill=fill)] \
-        if aug == "infomin" and ops > 0 else []
+    # InfoMin's RandAugment (timm's) applies each of its `ops` layers with probability 0.5:
+    # one torchvision op per layer, each layer kept or skipped on its own.
+    randaug = [v2.RandomApply([v2.RandAugment(num_ops=1, magnitude=magnitude, fill=fill)],
+                              p=RAND_AUGMENT_P) for _ in range(ops)] if aug == "infomin" else []
     crop_scale = crop_scale or (AUGMENTATIONS[aug], 1.0)
     return v2.Compose([v2.RandomResizedCrop(image_size, scale=crop_scale), *colour, *blur,
                        *randaug, *([v2.RandomHorizontalFlip()] if flip else []),

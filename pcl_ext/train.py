@@ -82,8 +82,8 @@ PRESETS = {
 METHODS = {"pcl": {}, "moco": dict(num_cluster=""), "simclr": dict(num_cluster="",
                                                                    temperature=0.5)}
 METHOD_NAMES = {"pcl": "PCL", "moco": "MoCo", "simclr": "SimCLR"}
-# The smallest crop area of MoCo v2's views (--aug aug-plus) where its 0.2 cannot apply. InfoMin
-# Aug's crops keep their ratio to MoCo v2's (0.08 / 0.2): 0.2 where MoCo v2's floor is 0.5.
+# The smallest crop area of the views where MoCo v2's 0.2 cannot apply (InfoMin Aug's, with a
+# MoCo queue, is the same).
 CROP_MIN = {"digits": 0.5}
 
 
@@ -154,10 +154,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                        choices=list(ARCHS) if name == "arch" else None,
                        help=f"PCL: {PCL_DEFAULTS[name]}")
     p.add_argument("--aug", choices=list(AUGMENTATIONS), default="aug-plus",
-                   help="the views: MoCo v2's aug-plus, or InfoMin Aug (stronger crops and "
-                        "colour jitter, then RandAugment; pcl_ext.data.pretrain_transform)")
+                   help="the views: MoCo v2's aug-plus, or InfoMin Aug (stronger colour jitter, "
+                        "then RandAugment; pcl_ext.data.pretrain_transform)")
     p.add_argument("--randaug-ops", type=bounded(int, 0), default=RAND_AUGMENT[0],
-                   help="--aug infomin: RandAugment's ops per image (InfoMin: 2; 0: none)")
+                   help="--aug infomin: RandAugment's layers per image, each applied with "
+                        "probability 0.5 (InfoMin: 2; 0: none)")
     p.add_argument("--randaug-magnitude", type=bounded(int, 0, 30), default=RAND_AUGMENT[1],
                    help="--aug infomin: RandAugment's magnitude bin, 0..30 (InfoMin: 30)")
     p.add_argument("--crop-min", type=bounded(float, 0, 1, low_open=True), default=None,
@@ -210,7 +211,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             value = method.get(name, preset.get(name, pcl_value))
             setattr(args, name, FLAG_TYPES[name](value) if isinstance(value, str) else value)
     if args.crop_min is None and args.dataset in CROP_MIN:
-        args.crop_min = CROP_MIN[args.dataset] * AUGMENTATIONS[args.aug] / AUGMENTATIONS["aug-plus"]
+        args.crop_min = CROP_MIN[args.dataset]
     return args
 
 

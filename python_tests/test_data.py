@@ -325,21 +325,27 @@ def test_infomin_views_shapes_dtype_and_seed(channels, size):
         assert not torch.equal(views[0], views[1])
 
 
+def _rand_augment_layers(transform):
+    """The RandomApply([RandAugment]) layers of an InfoMin transform."""
+    return [x for x in transform.transforms if type(x).__name__ == "RandomApply"
+            and type(x.transforms[0]).__name__ == "RandAugment"]
+
+
 def test_infomin_preset():
     gray = data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin")
     rgb = data.pretrain_transform(64, 3, [0.5, 0.4, 0.3], [0.2] * 3, aug="infomin")
     for t, fill in ((gray, [76]), (rgb, [128, 102, 76])):
-        steps = {}  # the first step of each kind: the colour jitter's RandomApply, not blur's
-        for x in t.transforms:
-            steps.setdefault(type(x).__name__, x)
-        names = list(steps)
-        assert names.index("RandAugment") > names.index("RandomApply")  # on top of aug-plus's
-        ra = steps["RandAugment"]
-        assert (ra.num_ops, ra.magnitude, ra.num_magnitude_bins) == (2, 30, 31)
-        assert ra.fill == fill                                      # the data's mean colour
-        assert steps["RandomResizedCrop"].scale == (0.08, 1.0)     # stronger crops
-        jitter = steps["RandomApply"].transforms[0]
-        assert jitter.brightness == pytest.approx((0.2, 1.8))      # 0.8, not aug-plus's 0.4
+        layers = _rand_augment_layers(t)
+        assert len(layers) == 2                                     # "rand-n2"
+        for layer in layers:                                        # each kept or skipped
+            assert layer.p == 0.5                                   # on its own, as timm's
+            ra = layer.transforms[0]
+            assert (ra.num_ops, ra.magnitude, ra.num_magnitude_bins) == (1, 30, 31)  # "m10"
+            assert ra.fill == fill                                  # the data's mean colour
+        jitter = t.transforms[1]
+        assert t.transforms.index(layers[0]) > 1                    # on top of the jitter
+        assert jitter.transforms[0].brightness == pytest.approx((0.2, 1.8))  # 0.8, not 0.4
+        assert t.transforms[0].scale == (0.2, 1.0)   # InfoMin's crops with a MoCo queue
     assert "RandomGrayscale" not in repr(gray) and "hue" not in repr(gray)
     assert "hue=(-0.2, 0.2)" in repr(rgb) and "RandomGrayscale" in repr(rgb)
     assert "Blur" not in repr(gray) and "GaussianBlur" in repr(rgb)   # blur above 32 px only
@@ -349,13 +355,31 @@ def test_infomin_preset():
         data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomax")
     # A milder RandAugment, or none
     milder = data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin", rand_augment=(1, 9))
-    ra = next(x for x in milder.transforms if type(x).__name__ == "RandAugment")
-    assert (ra.num_ops, ra.magnitude) == (1, 9)
+    assert [layer.transforms[0].magnitude for layer in _rand_augment_layers(milder)] == [9]
     assert "RandAugment" not in repr(data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin",
                                                              rand_augment=(0, 30)))
     for bad in ((-1, 9), (2, 31)):
         with pytest.raises(ValueError, match="`rand_augment`"):
             data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin", rand_augment=bad)
+
+
+def test_infomin_layers_fire_half_the_time():
+    """Each RandAugment layer changes a view about half the time (it is skipped otherwise):
+    with the crop, jitter and flip taken out, a view equals its source exactly when both
+    layers were skipped (or drew ops that change nothing), about a quarter of the draws."""
+    torch.manual_seed(0)
+    t = data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin", flip=False,
+                                crop_scale=(1.0, 1.0))
+    t.transforms[1].p = 0.0  # no colour jitter
+    image = torch.randint(40, 216, (1, 16, 16), dtype=torch.uint8)
+    plain = data.pretrain_transform(16, 1, [0.3], [0.2], aug="infomin", flip=False,
+                                    crop_scale=(1.0, 1.0), rand_augment=(0, 30))
+    plain.transforms[1].p = 0.0
+    reference = plain(image)
+    unchanged = sum(torch.equal(t(image), reference) for _ in range(400)) / 400
+    # P(unchanged) = (0.5 + 0.5 * P(op is a no-op here))^2, with Identity and Color (a no-op on
+    # one channel) 2 of 14 ops: 0.32; always-on layers would give 0.02
+    assert 0.22 < unchanged < 0.42
 
 
 @needs_sklearn
@@ -367,7 +391,7 @@ def test_aug_plus_stays_the_default():
     assert "RandAugment" not in repr(train.transform) and "scale=(0.2, 1.0)" in repr(
         train.transform)
     infomin, *_ = build_datasets("digits", image_size=16, aug="infomin")
-    assert "RandAugment" in repr(infomin.transform) and "scale=(0.08, 1.0)" in repr(
+    assert "RandAugment" in repr(infomin.transform) and "scale=(0.2, 1.0)" in repr(
         infomin.transform)
     views, index = infomin[5]
     assert [v.shape for v in views] == [(1, 16, 16)] * 2 and index == 5

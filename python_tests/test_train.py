@@ -360,8 +360,8 @@ def test_infomin_views_flag(tmp_path):
     default = train.parse_args(TINY)
     assert default.aug == "aug-plus" and default.crop_min == 0.5  # the digits' views
     assert train.parse_args(TINY + ["--crop-min", "0.3"]).crop_min == 0.3
-    # InfoMin's crops keep their ratio to MoCo v2's (0.08 / 0.2) where the floor is raised
-    assert train.parse_args(TINY + ["--aug", "infomin"]).crop_min == pytest.approx(0.2)
+    # InfoMin's crops with a MoCo queue are MoCo v2's, also where the floor is raised
+    assert train.parse_args(TINY + ["--aug", "infomin"]).crop_min == 0.5
     assert train.parse_args(TINY + ["--aug", "infomin", "--crop-min", "0.1"]).crop_min == 0.1
     assert train.parse_args(["--dataset", "fashion-mnist"]).crop_min is None  # MoCo v2's 0.2
     out = tmp_path / "infomin"
