@@ -25,6 +25,7 @@ Arms (the preset's flags plus):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -75,6 +76,8 @@ def run_flags(preset: str, arm: str, seed: int) -> list[str]:
 
 METRICS = (("knn_top1", "kNN top-1 %", 2), ("linear_top1", "linear top-1 %", 2),
            ("ami", "AMI", 4))
+DELTAS = (("knn_top1", "kNN", 2), ("linear_top1", "linear", 2), ("ami", "AMI", 4))
+DELTA_REFS = (("PCL", "pcl"), ("random", "random init"))  # (column name, arm)
 
 
 def cpu_kind() -> str:
@@ -187,8 +190,9 @@ def table(results: Path, preset: str) -> str:
     runs = load_results(results, preset)
     order = ["random init", *ARMS]
     lines = ["| arm | seeds | " + " | ".join(h for _, h, _ in METRICS)
-             + " | Δ kNN vs PCL | Δ AMI vs PCL | Δ kNN vs random | train min | E-step s |",
-             "|---|---|" + "---|" * (len(METRICS) + 5)]
+             + "".join(f" | Δ {short} vs {ref}" for ref, _ in DELTA_REFS
+                       for _, short, _ in DELTAS) + " | train min | E-step s |",
+             "|---|---|" + "---|" * (len(METRICS) + len(DELTA_REFS) * len(DELTAS) + 2)]
     for arm in order:
         if arm not in runs:
             continue
@@ -196,8 +200,7 @@ def table(results: Path, preset: str) -> str:
         cells = [arm, ",".join(map(str, sorted(by_seed)))]
         for key, _, digits in METRICS:
             cells.append(mean_std([p["metrics"][key] for p in by_seed.values()], digits))
-        for ref, key, digits in (("pcl", "knn_top1", 2), ("pcl", "ami", 4),
-                                 ("random init", "knn_top1", 2)):
+        for (_, ref), (key, _, digits) in itertools.product(DELTA_REFS, DELTAS):
             common = sorted(set(by_seed) & set(runs.get(ref, {})))
             diffs = [by_seed[s]["metrics"][key] - runs[ref][s]["metrics"][key] for s in common]
             cells.append("" if arm == ref else mean_std(diffs, digits))
@@ -212,7 +215,8 @@ def table(results: Path, preset: str) -> str:
     lines.append(f"Preset `{preset}`: {shlex.join(PRESETS[preset])}. Mean ± sample standard "
                  "deviation over the seeds listed; Δ columns are paired by seed. CPU kind(s): "
                  + ", ".join(kinds) + ". E-step s: k-means seconds per E-step (three "
-                 "granularities), without the feature pass.")
+                 "granularities), without the feature pass. Train minutes depend on the threads "
+                 "(each JSON's `threads`) and on runs sharing the machine.")
     return "\n".join(lines)
 
 

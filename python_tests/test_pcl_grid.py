@@ -80,8 +80,14 @@ def test_table_statistics(grid, tmp_path):
     # Δ kNN vs PCL over seeds 0 and 1: -1 and -2
     assert moco[5] == f"-1.50 ± {statistics.stdev([-1.0, -2.0]):.2f}"
     # Δ kNN vs random over seeds 0 and 1: 1.0 and 1.5
-    assert moco[7] == f"1.25 ± {statistics.stdev([1.0, 1.5]):.2f}"
-    assert moco[8] == "10.0 ± 0.0" and moco[9].startswith("3.0")
+    assert moco[8] == f"1.25 ± {statistics.stdev([1.0, 1.5]):.2f}"
+    # linear = kNN + 5 and AMI = kNN / 100 here: the same differences, in their own columns
+    assert moco[6] == moco[5] and moco[9] == moco[8]
+    assert moco[7] == f"-0.0150 ± {statistics.stdev([-0.01, -0.02]):.4f}"
+    assert moco[11] == "10.0 ± 0.0" and moco[12].startswith("3.0")
+    header = grid.table(tmp_path, "smoke").splitlines()[0].split(" | ")
+    assert header[5:11] == ["Δ kNN vs PCL", "Δ linear vs PCL", "Δ AMI vs PCL", "Δ kNN vs random",
+                            "Δ linear vs random", "Δ AMI vs random"]
     assert rows["random init"][2].startswith("78.50 ± 0.50")
 
 
