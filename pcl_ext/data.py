@@ -54,8 +54,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The views of the pre-training pairs, with the smallest crop area each uses by default. InfoMin's code crops from 0.08 with a memory bank,
-# from 0.2 with MoCo's queue, which is what this package trains with.
+# The views of the pre-training pairs, with the smallest crop area each uses by default.
+# InfoMin's code crops from 0.08 with a memory bank, from 0.2 with MoCo's queue (this package's).
 AUGMENTATIONS = {"aug-plus": 0.2, "infomin": 0.2}
 RAND_AUGMENT = (2, 30)  # InfoMin Aug's RandAugment: layers per image, magnitude bin (of 0..30)
 RAND_AUGMENT_P = 0.5  # ... each layer applied with this probability (timm's, as InfoMin's code)
