@@ -74,9 +74,9 @@ def run_flags(preset: str, arm: str, seed: int) -> list[str]:
     return PRESETS[preset] + ARMS[arm] + ["--seed", str(seed)]
 
 
-METRICS = (("knn_top1", "kNN top-1 %", 2), ("linear_top1", "linear top-1 %", 2),
-           ("ami", "AMI", 4))
-DELTAS = (("knn_top1", "kNN", 2), ("linear_top1", "linear", 2), ("ami", "AMI", 4))
+# (key in the run's metrics, short name for the Δ columns, column header, decimals)
+METRICS = (("knn_top1", "kNN", "kNN top-1 %", 2), ("linear_top1", "linear", "linear top-1 %", 2),
+           ("ami", "AMI", "AMI", 4))
 DELTA_REFS = (("PCL", "pcl"), ("random", "random init"))  # (column name, arm)
 
 
@@ -189,18 +189,18 @@ def table(results: Path, preset: str) -> str:
     and to the random init over the seeds both have, and the training minutes."""
     runs = load_results(results, preset)
     order = ["random init", *ARMS]
-    lines = ["| arm | seeds | " + " | ".join(h for _, h, _ in METRICS)
+    lines = ["| arm | seeds | " + " | ".join(h for _, _, h, _ in METRICS)
              + "".join(f" | Δ {short} vs {ref}" for ref, _ in DELTA_REFS
-                       for _, short, _ in DELTAS) + " | train min | E-step s |",
-             "|---|---|" + "---|" * (len(METRICS) + len(DELTA_REFS) * len(DELTAS) + 2)]
+                       for _, short, _, _ in METRICS) + " | train min | E-step s |",
+             "|---|---|" + "---|" * (len(METRICS) + len(DELTA_REFS) * len(METRICS) + 2)]
     for arm in order:
         if arm not in runs:
             continue
         by_seed = runs[arm]
         cells = [arm, ",".join(map(str, sorted(by_seed)))]
-        for key, _, digits in METRICS:
+        for key, _, _, digits in METRICS:
             cells.append(mean_std([p["metrics"][key] for p in by_seed.values()], digits))
-        for (_, ref), (key, _, digits) in itertools.product(DELTA_REFS, DELTAS):
+        for (_, ref), (key, _, _, digits) in itertools.product(DELTA_REFS, METRICS):
             common = sorted(set(by_seed) & set(runs.get(ref, {})))
             diffs = [by_seed[s]["metrics"][key] - runs[ref][s]["metrics"][key] for s in common]
             cells.append("" if arm == ref else mean_std(diffs, digits))
